@@ -1,0 +1,293 @@
+"""The cut: erase pixels of a batch of crops, chosen by canonical-frame saliency maps (or at random).
+
+A cut happens in two steps that both implementations share:
+
+1. `plan_cuts` (torch, tiny tensors): per sample, draw whether to cut, pick the rule (threshold, area,
+   box, or a cold-start Cutout where no valid map exists) and its parameters: a saliency threshold `tau`
+   or an integer box.
+2. Apply the plan to the pixels: `apply_plan_torch` (the reference, any device) or the fused CuPy kernel
+   in `gutout.kernels` (warp, decision and fill in one pass over the erased pixels only).
+
+Erased pixels get `fill` in every channel; no other pixel changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .config import ConfigError, check_choice, check_range, from_mapping
+from .warp import warp_to_crop
+
+POLICIES = ("threshold", "area", "box", "cutout", "none")
+BACKENDS = ("auto", "torch", "cupy")
+
+# Per-sample rules in a plan; the CuPy kernel uses the same numbers.
+MODE_NONE, MODE_THRESHOLD, MODE_AREA, MODE_BOX = 0, 1, 2, 3
+
+
+@dataclass(frozen=True)
+class CutConfig:
+    policy: str = "threshold"
+    threshold: float = 0.5  # erase where the warped, max-normalised saliency > threshold
+    area: float = 0.25  # `area` policy: fraction of the crop's pixels to erase, most salient first
+    size: float = 0.5  # box / Cutout side as a fraction of the crop side (Cutout paper: 16/32 on CIFAR)
+    box_center: str = "peak"  # `box`: centre on the saliency peak, or `sample` it with p ∝ saliency^gamma
+    gamma: float = 1.0
+    p: float = 1.0  # probability that a sample is cut at all
+    fill: float | str = 0.0  # 0 after normalisation is the dataset mean; "noise" = uniform, unit variance
+    cold_start: str = "cutout"  # samples without a valid map: Cutout of the policy's area, or "none"
+    backend: str = "auto"  # "auto": the CuPy kernel for CUDA tensors when CuPy imports, else torch
+
+    def __post_init__(self):
+        name = "CutConfig"
+        check_choice(name, "policy", self.policy, POLICIES)
+        check_range(name, "threshold", self.threshold, 0.0, 1.0)
+        check_range(name, "area", self.area, 0.0, 1.0)
+        check_range(name, "size", self.size, 0.0, 1.0)
+        check_choice(name, "box_center", self.box_center, ("peak", "sample"))
+        check_range(name, "gamma", self.gamma, 0.0, math.inf, lo_open=True)
+        check_range(name, "p", self.p, 0.0, 1.0)
+        if isinstance(self.fill, str):
+            check_choice(name, "fill", self.fill, ("noise",))
+        elif not isinstance(self.fill, (int, float)) or not math.isfinite(self.fill):
+            raise ConfigError(f"{name}.fill={self.fill!r} must be a finite number or 'noise'")
+        check_choice(name, "cold_start", self.cold_start, ("cutout", "none"))
+        check_choice(name, "backend", self.backend, BACKENDS)
+
+    @property
+    def needs_maps(self) -> bool:
+        return self.policy in ("threshold", "area", "box")
+
+    @property
+    def cold_start_side(self) -> float:
+        """Side (fraction of the crop side) of the Cutout used where no map exists: the same area."""
+        return math.sqrt(self.area) if self.policy == "area" else self.size
+
+
+@dataclass
+class CutPlan:
+    mode: torch.Tensor  # (B,) int32, one of MODE_*
+    tau: torch.Tensor  # (B,) float32, saliency threshold for MODE_THRESHOLD / MODE_AREA
+    box: torch.Tensor  # (B, 4) int32 (r0, c0, r1, c1), half-open pixel box for MODE_BOX
+    noise_seed: int  # seeds the hash noise when fill == "noise"
+    saliency: torch.Tensor | None = None  # (B, H, W) warped saliency, when planning had to compute it
+
+
+def _random_boxes(n: int, hw: tuple[int, int], side: float, generator: torch.Generator | None):
+    """Cutout boxes: centre uniform over the crop (the box may hang over the edge and is clipped)."""
+    H, W = hw
+    cy = torch.randint(0, H, (n,), generator=generator)
+    cx = torch.randint(0, W, (n,), generator=generator)
+    return _boxes_at(cy, cx, hw, side)
+
+
+def _boxes_at(cy: torch.Tensor, cx: torch.Tensor, hw: tuple[int, int], side: float) -> torch.Tensor:
+    H, W = hw
+    sh, sw = round(side * H), round(side * W)
+    r0, c0 = cy - sh // 2, cx - sw // 2
+    boxes = torch.stack([r0, c0, r0 + sh, c0 + sw], dim=1)  # (n, 4)
+    lo = torch.zeros(4, dtype=boxes.dtype, device=boxes.device)
+    hi = torch.tensor([H, W, H, W], dtype=boxes.dtype, device=boxes.device)
+    return torch.minimum(torch.maximum(boxes, lo), hi).to(torch.int32)
+
+
+def plan_cuts(
+    maps: torch.Tensor | None,
+    valid: torch.Tensor | None,
+    windows: torch.Tensor | None,
+    flips: torch.Tensor | None,
+    image_hw: tuple[int, int],
+    config: CutConfig,
+    generator: torch.Generator | None = None,
+) -> CutPlan:
+    """Decide, per sample, what to erase. Random draws come from `generator` (a CPU generator)."""
+    H, W = image_hw
+    B = int(windows.shape[0]) if windows is not None else int(maps.shape[0])
+    device = maps.device if maps is not None else (windows.device if windows is not None else "cpu")
+    cut = torch.rand(B, generator=generator) < config.p  # CPU draws: identical on every device
+    mode = torch.zeros(B, dtype=torch.int32)
+    tau = torch.zeros(B, dtype=torch.float32)
+    box = torch.zeros(B, 4, dtype=torch.int32)
+    noise_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+    saliency = None
+
+    if config.policy == "cutout":
+        mode[cut] = MODE_BOX
+        box[cut] = _random_boxes(int(cut.sum()), image_hw, config.size, generator)
+    elif config.needs_maps:
+        if maps is None:
+            raise ValueError(f"policy {config.policy!r} needs saliency maps, got none")
+        has_map = torch.ones(B, dtype=torch.bool) if valid is None else valid.detach().cpu().to(torch.bool)
+        use_map = cut & has_map
+        cold = cut & ~has_map
+        if config.cold_start == "cutout" and bool(cold.any()):
+            mode[cold] = MODE_BOX
+            box[cold] = _random_boxes(int(cold.sum()), image_hw, config.cold_start_side, generator)
+        if config.policy == "threshold":
+            mode[use_map] = MODE_THRESHOLD
+            tau[use_map] = config.threshold
+        elif bool(use_map.any()):
+            saliency = warp_to_crop(maps, windows, flips, image_hw)  # (B, H, W)
+            flat = saliency.flatten(1)  # (B, H*W)
+            if config.policy == "area":
+                k = max(1, round(config.area * H * W)) if config.area > 0 else 0
+                if k > 0:
+                    kth_largest = flat.kthvalue(H * W - k + 1, dim=1).values.cpu()  # (B,)
+                    mode[use_map] = MODE_AREA
+                    tau[use_map] = kth_largest[use_map]
+            else:  # box
+                peak, centre = (t.cpu() for t in flat.max(dim=1))
+                use_map &= peak > 0  # an all-zero map means "nothing to cut"
+                if config.box_center == "sample":
+                    weights = flat.clamp_min(0).cpu() ** config.gamma
+                    weights[~use_map] = 1.0  # rows that won't be used still need a valid distribution
+                    centre = torch.multinomial(weights, 1, generator=generator).squeeze(1)
+                mode[use_map] = MODE_BOX
+                box[use_map] = _boxes_at(centre // W, centre % W, image_hw, config.size)[use_map]
+    return CutPlan(
+        mode=mode.to(device),
+        tau=tau.to(device),
+        box=box.to(device),
+        noise_seed=noise_seed,
+        saliency=saliency,
+    )
+
+
+def hash_noise(flat_index: torch.Tensor, seed: int) -> torch.Tensor:
+    """Uniform noise with unit variance from a counter hash of the NCHW linear index (float32).
+
+    A hash rather than an RNG stream so that the CuPy kernel, which only visits erased pixels, produces
+    the very same values as this reference.
+    """
+    mask32 = 0xFFFFFFFF
+    x = (flat_index + (seed * 0x9E3779B9)) & mask32  # int64 arithmetic, kept to 32 bits
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & mask32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & mask32
+    x = x ^ (x >> 16)
+    uniform = (x >> 8).to(torch.float32) * (1.0 / 16777216.0)  # [0, 1), 24 bits
+    return (uniform * 2.0 - 1.0) * math.sqrt(3.0)
+
+
+def erase_mask(
+    plan: CutPlan, maps: torch.Tensor | None, windows: torch.Tensor, flips: torch.Tensor, image_hw
+) -> torch.Tensor:
+    """The pixels a plan erases, (B, H, W) bool. Terms for rules no sample uses are never computed."""
+    H, W = image_hw
+    B = plan.mode.shape[0]
+    mask = None
+    for rule in (MODE_THRESHOLD, MODE_AREA, MODE_BOX):
+        chosen = plan.mode == rule  # (B,)
+        count = int(chosen.sum())
+        if count == 0:
+            continue
+        if rule == MODE_BOX:
+            r0, c0, r1, c1 = plan.box.view(-1, 4, 1).unbind(1)  # each (B, 1)
+            rows = torch.arange(H, device=chosen.device)
+            cols = torch.arange(W, device=chosen.device)
+            term = ((rows >= r0) & (rows < r1))[:, :, None] & ((cols >= c0) & (cols < c1))[:, None, :]
+        else:
+            if plan.saliency is None:
+                plan.saliency = warp_to_crop(maps, windows, flips, image_hw)  # (B, H, W)
+            tau = plan.tau.view(-1, 1, 1)
+            term = plan.saliency > tau if rule == MODE_THRESHOLD else (plan.saliency >= tau) & (plan.saliency > 0)
+        if count < B:
+            term &= chosen.view(-1, 1, 1)
+        mask = term if mask is None else mask.logical_or_(term)
+    if mask is None:
+        mask = torch.zeros(B, H, W, dtype=torch.bool, device=plan.mode.device)
+    return mask
+
+
+def apply_plan_torch(
+    images: torch.Tensor, plan: CutPlan, maps, windows, flips, fill: float | str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference implementation: erase in place; returns (images, erased fraction (B,) float32)."""
+    mask = erase_mask(plan, maps, windows, flips, tuple(images.shape[-2:]))  # (B, H, W)
+    mask_bchw = mask[:, None].expand_as(images)
+    if fill == "noise":
+        flat_index = mask_bchw.reshape(-1).nonzero().squeeze(1)  # NCHW linear index of erased pixels
+        images[mask_bchw] = hash_noise(flat_index, plan.noise_seed).to(images.dtype)
+    else:
+        images.masked_fill_(mask_bchw, float(fill))
+    erased = mask.flatten(1).sum(1, dtype=torch.int32)  # counting bools beats a float copy of the mask
+    return images, erased.float() / (images.shape[-2] * images.shape[-1])
+
+
+def _check_inputs(images, maps, windows, flips, config: CutConfig) -> None:
+    if images.dim() != 4:
+        raise ValueError(f"cut: images must be (B, C, H, W), got shape {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise ValueError(f"cut: images must be floating point (normalised), got {images.dtype}")
+    B = images.shape[0]
+    if config.needs_maps:
+        if maps is None or maps.dim() != 3 or maps.shape[0] != B:
+            got = None if maps is None else tuple(maps.shape)
+            raise ValueError(f"cut: maps must be (B={B}, h, w) for policy {config.policy!r}, got {got}")
+        if windows is None or tuple(windows.shape) != (B, 4):
+            got = None if windows is None else tuple(windows.shape)
+            raise ValueError(f"cut: windows must be (B={B}, 4) as (y0, x0, y1, x1), got {got}")
+        if flips is None or tuple(flips.shape) != (B,):
+            raise ValueError(f"cut: flips must be (B={B},), got {None if flips is None else tuple(flips.shape)}")
+
+
+def resolve_backend(images: torch.Tensor, config: CutConfig) -> str:
+    from . import kernels
+
+    if config.backend == "torch" or (config.backend == "auto" and not images.is_cuda):
+        return "torch"
+    if config.backend == "auto":
+        return "cupy" if kernels.supports(images) else "torch"
+    if not images.is_cuda:
+        raise ValueError(f"cut: backend 'cupy' needs CUDA tensors, got images on {images.device}")
+    if not kernels.supports(images):
+        raise ValueError(f"cut: backend 'cupy' cannot run here ({kernels.why_unsupported(images)})")
+    return "cupy"
+
+
+def cut(
+    images: torch.Tensor,
+    maps: torch.Tensor | None = None,
+    windows: torch.Tensor | None = None,
+    flips: torch.Tensor | None = None,
+    config: CutConfig | None = None,
+    *,
+    valid: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    inplace: bool = False,
+    **overrides: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Erase saliency-chosen pixels of `images` (B, C, H, W); returns (images, erased fraction (B,)).
+
+    `maps` (B, h, w) are canonical-frame saliency maps, `windows` (B, 4) float crop windows
+    (y0, x0, y1, x1) in that frame, `flips` (B,) bool. `valid` (B,) marks samples that have a map
+    (the others follow `config.cold_start`). Keyword `overrides` set `CutConfig` fields directly:
+    `cut(x, maps, windows, flips, policy="area", area=0.3)`.
+    """
+    if config is None or overrides:
+        config = from_mapping(CutConfig, None if config is None else dataclasses.asdict(config), **overrides)
+    B, _, H, W = images.shape if images.dim() == 4 else (0, 0, 0, 0)
+    _check_inputs(images, maps, windows, flips, config)
+    if windows is None:  # box-only policies don't need windows; give the plan full-frame ones
+        windows = torch.tensor([[0.0, 0.0, 1.0, 1.0]], device=images.device).expand(B, 4)
+        flips = torch.zeros(B, dtype=torch.bool, device=images.device)
+    if not inplace:
+        images = images.clone()
+    if config.policy == "none":
+        return images, torch.zeros(B, device=images.device)
+    if maps is not None:
+        maps = maps.to(images.device)
+    windows = windows.to(images.device)
+    flips = flips.to(images.device)
+    plan = plan_cuts(maps, valid, windows, flips, (H, W), config, generator)
+    if resolve_backend(images, config) == "cupy":
+        from .kernels import apply_plan_cupy
+
+        return apply_plan_cupy(images, plan, maps, windows, flips, config.fill)
+    return apply_plan_torch(images, plan, maps, windows, flips, config.fill)

@@ -1,0 +1,166 @@
+"""Datasets as plain data: in-memory uint8 arrays (Fashion-MNIST, CIFAR) or ordered file lists (ImageFolder).
+
+Both carry a fingerprint (sample count + hash of the ordered samples and labels) for the saliency cache.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gutout.fingerprint import dataset_fingerprint
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")  # fmt: skip
+# Per-channel statistics in [0, 1] pixel units (torchvision's convention).
+STATS = {
+    "fashion-mnist": ((0.2860,), (0.3530,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+
+class DatasetError(ValueError):
+    """A dataset cannot be found or read; the message names the path or file."""
+
+
+@dataclass
+class ArrayDataset:
+    """Images held in memory: uint8 (N, H, W, C), labels int64 (N,)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: tuple[str, ...]
+    name: str = "arrays"
+    _fingerprint: str | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self.images.dtype != torch.uint8:
+            raise DatasetError(f"{self.name}: images must be uint8, got {self.images.dtype}")
+        if self.images.dim() == 3:
+            self.images = self.images[..., None]  # (N, H, W) -> (N, H, W, 1)
+        if self.images.dim() != 4:
+            raise DatasetError(f"{self.name}: images must be (N, H, W[, C]), got {tuple(self.images.shape)}")
+        self.labels = torch.as_tensor(self.labels).long().view(-1)
+        if self.labels.numel() != self.images.shape[0]:
+            raise DatasetError(f"{self.name}: {self.images.shape[0]} images but {self.labels.numel()} labels")
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def channels(self) -> int:
+        return int(self.images.shape[-1])
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = dataset_fingerprint(self.images, self.labels)
+        return self._fingerprint
+
+    def subset(self, indices: torch.Tensor) -> ArrayDataset:
+        indices = torch.as_tensor(indices).long()
+        return ArrayDataset(self.images[indices], self.labels[indices], self.classes, f"{self.name}[subset]")
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as err:
+        raise DatasetError(f"cannot read {path}: {err}") from None
+    if len(data) < 4:
+        raise DatasetError(f"{path} is not an idx file (too short)")
+    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype_code != 0x08:
+        raise DatasetError(f"{path} is not a uint8 idx file")
+    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(shape)):
+        raise DatasetError(f"{path} is truncated: {body.size} of {int(np.prod(shape))} values")
+    return body.reshape(shape)
+
+
+def _find_idx(folder: Path, stem: str) -> Path | None:
+    for candidate in (folder / stem, folder / f"{stem}.gz", folder / "FashionMNIST" / "raw" / stem):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def fashion_mnist_folder(data: str | os.PathLike | None = None) -> Path:
+    """Where the idx files are: `data`, else Debian's dataset-fashion-mnist, else torchvision's download."""
+    if data is not None:
+        folder = Path(data)
+        if not folder.exists():
+            raise DatasetError(f"fashion-mnist: --data {folder} does not exist")
+        if _find_idx(folder, FASHION_MNIST_FILES["train"][0]) is None:
+            raise DatasetError(f"fashion-mnist: no {FASHION_MNIST_FILES['train'][0]}[.gz] under {folder}")
+        return folder
+    if _find_idx(DEBIAN_FASHION_MNIST, FASHION_MNIST_FILES["train"][0]) is not None:
+        return DEBIAN_FASHION_MNIST
+    cache = Path(os.environ.get("GUTOUT_DATA", Path.home() / ".cache" / "gutout"))
+    if _find_idx(cache, FASHION_MNIST_FILES["train"][0]) is None:
+        try:
+            import torchvision
+
+            torchvision.datasets.FashionMNIST(cache, train=True, download=True)
+            torchvision.datasets.FashionMNIST(cache, train=False, download=True)
+        except Exception as err:  # noqa: BLE001 - any download failure gets the same advice
+            raise DatasetError(
+                "fashion-mnist: not found. Install Debian's package (apt-get install dataset-fashion-mnist), "
+                f"or pass --data DIR holding the idx files; the download into {cache} failed: {err}"
+            ) from None
+    return cache
+
+
+def load_fashion_mnist(split: str = "train", data: str | os.PathLike | None = None) -> ArrayDataset:
+    folder = fashion_mnist_folder(data)
+    image_stem, label_stem = FASHION_MNIST_FILES[split]
+    images = torch.from_numpy(_read_idx(_find_idx(folder, image_stem)).copy())  # (N, 28, 28)
+    labels = torch.from_numpy(_read_idx(_find_idx(folder, label_stem)).astype(np.int64))
+    return ArrayDataset(images, labels, FASHION_MNIST_CLASSES, f"fashion-mnist/{split}")
+
+
+def load_cifar(name: str, split: str, data: str | os.PathLike) -> ArrayDataset:
+    """The official python-pickle CIFAR-10/100 folder (cifar-10-batches-py / cifar-100-python)."""
+    root = Path(data)
+    folder = next((p for p in (root, root / "cifar-10-batches-py", root / "cifar-100-python") if p.is_dir()), None)
+    if folder is None:
+        raise DatasetError(f"{name}: --data {root} does not exist")
+    if name == "cifar10":
+        files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+        label_key, meta, names_key = b"labels", "batches.meta", b"label_names"
+    else:
+        files = ["train"] if split == "train" else ["test"]
+        label_key, meta, names_key = b"fine_labels", "meta", b"fine_label_names"
+    images, labels = [], []
+    for file in files:
+        path = folder / file
+        try:
+            with open(path, "rb") as f:
+                batch = pickle.load(f, encoding="bytes")
+        except (OSError, pickle.UnpicklingError, EOFError) as err:
+            raise DatasetError(f"{name}: cannot read {path}: {err}") from None
+        images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        labels.extend(batch[label_key])
+    try:
+        with open(folder / meta, "rb") as f:
+            classes = tuple(c.decode() for c in pickle.load(f, encoding="bytes")[names_key])
+    except OSError:
+        classes = tuple(str(i) for i in range(max(labels) + 1))
+    return ArrayDataset(torch.from_numpy(np.concatenate(images)), torch.tensor(labels), classes, f"{name}/{split}")

@@ -1,0 +1,224 @@
+import math
+
+import pytest
+import torch
+
+from gutout import CutConfig, cut
+from gutout.config import ConfigError
+from gutout.cut import MODE_AREA, MODE_BOX, MODE_THRESHOLD, apply_plan_torch, hash_noise, plan_cuts
+from gutout.warp import warp_to_crop
+from tests.conftest import random_windows
+
+
+def batch(B=8, C=3, H=24, W=20, seed=0, pad=0.2):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(B, C, H, W, generator=g) + 5.0  # no pixel equals the fill by accident
+    maps = torch.rand(B, 7, 7, generator=g)
+    windows = random_windows(B, g, pad=pad)
+    flips = torch.rand(B, generator=g) < 0.5
+    return images, maps, windows, flips
+
+
+def erased_mask(before, after):
+    changed = before != after  # (B, C, H, W)
+    assert bool((changed.any(1) == changed.all(1)).all()), "a pixel was erased in some channels only"
+    return changed.any(1)
+
+
+def naive_erase_mask(plan, maps, windows, flips, H, W):
+    """Per-pixel loops straight from DESIGN.md: the plain path the batched one is tested against."""
+    B = plan.mode.shape[0]
+    mask = torch.zeros(B, H, W, dtype=torch.bool)
+    for b in range(B):
+        y0, x0, y1, x1 = windows[b].tolist()
+        h, w = maps.shape[1:]
+        for i in range(H):
+            for j in range(W):
+                mode = int(plan.mode[b])
+                if mode == MODE_BOX:
+                    r0, c0, r1, c1 = plan.box[b].tolist()
+                    mask[b, i, j] = r0 <= i < r1 and c0 <= j < c1
+                    continue
+                if mode not in (MODE_THRESHOLD, MODE_AREA):
+                    continue
+                jj = W - 1 - j if bool(flips[b]) else j
+                v = y0 + (i + 0.5) / H * (y1 - y0)
+                u = x0 + (jj + 0.5) / W * (x1 - x0)
+                s = 0.0
+                if 0 <= v <= 1 and 0 <= u <= 1:
+                    py = min(max(v * h - 0.5, 0), h - 1)
+                    px = min(max(u * w - 0.5, 0), w - 1)
+                    r, c = min(math.floor(py), h - 2), min(math.floor(px), w - 2)
+                    fy, fx = py - r, px - c
+                    m = maps[b].double()
+                    s = float((1 - fy) * ((1 - fx) * m[r, c] + fx * m[r, c + 1])
+                              + fy * ((1 - fx) * m[r + 1, c] + fx * m[r + 1, c + 1]))  # fmt: skip
+                tau = float(plan.tau[b])
+                mask[b, i, j] = s > tau if mode == MODE_THRESHOLD else (s >= tau and s > 0)
+    return mask
+
+
+@pytest.mark.parametrize("policy", ["threshold", "area", "box", "cutout"])
+def test_batched_cut_matches_per_pixel_loops(policy):
+    images, maps, windows, flips = batch(B=6, H=16, W=12)
+    cfg = CutConfig(policy=policy, threshold=0.6, area=0.3, size=0.4)
+    plan = plan_cuts(maps, None, windows, flips, (16, 12), cfg, torch.Generator().manual_seed(3))
+    after, erased = apply_plan_torch(images.clone(), plan, maps, windows, flips, 0.0)
+    mask = erased_mask(images, after)
+    naive = naive_erase_mask(plan, maps, windows, flips, 16, 12)
+    if policy in ("threshold", "area"):  # float rounding only matters within 1e-6 of the threshold
+        sal = warp_to_crop(maps, windows, flips, (16, 12))
+        ties = (sal - plan.tau.view(-1, 1, 1)).abs() < 1e-6
+        assert bool(((mask == naive) | ties).all())
+    else:
+        assert torch.equal(mask, naive)
+    assert torch.allclose(erased, mask.flatten(1).float().mean(1))
+    assert bool((after[mask[:, None].expand_as(after)] == 0).all())
+
+
+def test_only_erased_pixels_change_and_every_channel_gets_fill():
+    images, maps, windows, flips = batch()
+    out, erased = cut(images, maps, windows, flips, policy="threshold", threshold=0.5, fill=-1.5)
+    mask = erased_mask(images, out)
+    assert bool(mask.any()) and bool((~mask).any())
+    assert bool((out.permute(1, 0, 2, 3)[:, mask] == -1.5).all())
+    assert torch.equal(out.permute(1, 0, 2, 3)[:, ~mask], images.permute(1, 0, 2, 3)[:, ~mask])
+    assert not torch.equal(out, images)  # not in place by default...
+    same, _ = cut(images, maps, windows, flips, policy="threshold", threshold=0.5, fill=-1.5, inplace=True)
+    assert same.data_ptr() == images.data_ptr() and torch.equal(same, out)  # ...unless asked
+
+
+def test_threshold_erases_exactly_the_salient_region():
+    # Saliency 1 in the left half of the canonical frame, 0 in the right half; whole-image windows.
+    maps = torch.zeros(2, 8, 8)
+    maps[:, :, :4] = 1.0
+    windows = torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 2)
+    flips = torch.tensor([False, True])
+    images = torch.ones(2, 1, 16, 16)
+    out, _ = cut(images, maps, windows, flips, policy="threshold", threshold=0.5)
+    # Bilinear at 16 px: columns 0..6 see saliency > 0.5 (column 7 sits at exactly 0.5 and is kept).
+    assert bool((out[0, 0, :, :8] == 0).all()) and bool((out[0, 0, :, 8:] == 1).all())
+    assert torch.equal(out[1], out[0].flip(-1)), "the flip must mirror the cut"
+
+
+def test_crop_window_selects_the_right_part_of_the_map():
+    maps = torch.zeros(1, 4, 4)
+    maps[0, 0, 0] = 1.0  # the top-left quarter of the top-left quarter is salient
+    images = torch.ones(1, 1, 8, 8)
+    top_left = torch.tensor([[0.0, 0.0, 0.5, 0.5]])
+    bottom_right = torch.tensor([[0.5, 0.5, 1.0, 1.0]])
+    no_flip = torch.zeros(1, dtype=torch.bool)
+    out, erased = cut(images, maps, top_left, no_flip, policy="threshold", threshold=0.5)
+    assert float(erased) > 0 and bool((out[0, 0, :4, :4] == 0).any()) and bool((out[0, 0, 4:, 4:] == 1).all())
+    out, erased = cut(images, maps, bottom_right, no_flip, policy="threshold", threshold=0.5)
+    assert float(erased) == 0
+
+
+def test_padding_is_never_erased_by_saliency():
+    maps = torch.ones(1, 7, 7)
+    window = torch.tensor([[-4 / 28, -4 / 28, 1.0, 1.0]])
+    out, _ = cut(torch.ones(1, 1, 32, 32), maps, window, torch.zeros(1, dtype=torch.bool), threshold=0.0)
+    assert bool((out[0, 0, :4] == 1).all()) and bool((out[0, 0, :, :4] == 1).all())
+    assert bool((out[0, 0, 4:, 4:] == 0).all())
+
+
+def test_area_policy_erases_the_requested_fraction_most_salient_first():
+    images, maps, windows, flips = batch(B=8, H=32, W=32, pad=0.0)
+    out, erased = cut(images, maps, windows, flips, policy="area", area=0.3)
+    mask = erased_mask(images, out)
+    assert torch.allclose(erased, torch.full((8,), round(0.3 * 1024) / 1024))
+    sal = warp_to_crop(maps, windows, flips, (32, 32)).flatten(1)
+    kept_max = torch.where(mask.flatten(1), -1.0, sal).amax(1)
+    erased_min = torch.where(mask.flatten(1), sal, 2.0).amin(1)
+    assert bool((erased_min >= kept_max).all())
+
+
+def test_box_policy_centres_on_the_saliency_peak():
+    maps = torch.zeros(1, 7, 7)
+    maps[0, 5, 2] = 1.0
+    full = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+    out, erased = cut(torch.ones(1, 1, 28, 28), maps, full, torch.zeros(1, dtype=torch.bool),
+                      policy="box", size=0.25)  # fmt: skip
+    rows, cols = (out[0, 0] == 0).nonzero(as_tuple=True)
+    assert float(erased) == 49 / 784
+    # Cell (5, 2) covers rows 20..23 and columns 8..11: the peak is one of its two central pixels.
+    assert (rows.float().mean() - 21.5).abs() <= 0.5 and (cols.float().mean() - 9.5).abs() <= 0.5
+
+
+def test_box_sample_follows_saliency():
+    maps = torch.zeros(64, 7, 7)
+    maps[:, 1, 5] = 1.0  # all the mass in one cell: sampled centres fall near it
+    full = torch.tensor([[0.0, 0.0, 1.0, 1.0]]).expand(64, 4)
+    out, _ = cut(torch.ones(64, 1, 28, 28), maps, full, torch.zeros(64, dtype=torch.bool),
+                 policy="box", box_center="sample", size=0.1, generator=torch.Generator().manual_seed(0))  # fmt: skip
+    rows, cols = (out[:, 0] == 0).nonzero(as_tuple=True)[1:]
+    assert rows.float().mean().sub(5.5).abs() < 2 and cols.float().mean().sub(21.5).abs() < 2
+
+
+def test_all_zero_map_means_nothing_to_cut():
+    images, _, windows, flips = batch(B=4)
+    zeros = torch.zeros(4, 7, 7)
+    for policy in ("threshold", "area", "box"):
+        out, erased = cut(images, zeros, windows, flips, policy=policy, threshold=0.0)
+        assert torch.equal(out, images) and float(erased.sum()) == 0, policy
+
+
+def test_cutout_and_apply_probability():
+    images = torch.ones(400, 1, 20, 20)
+    out, erased = cut(images, policy="cutout", size=0.5, generator=torch.Generator().manual_seed(0))
+    assert float(erased.max()) == 0.25 and float(erased.min()) > 0  # clipped at the edges, never empty
+    out, erased = cut(images, policy="cutout", size=0.5, p=0.5, generator=torch.Generator().manual_seed(0))
+    assert 150 < int((erased > 0).sum()) < 250
+    out, erased = cut(images, policy="cutout", p=0.0)
+    assert torch.equal(out, images)
+    out, erased = cut(images, policy="none")
+    assert torch.equal(out, images) and float(erased.sum()) == 0
+
+
+def test_cold_start_uses_cutout_of_the_same_area():
+    images, maps, windows, flips = batch(B=64, H=20, W=20)
+    valid = torch.tensor([True, False] * 32)
+    out, erased = cut(images, maps, windows, flips, valid=valid, policy="area", area=0.25)
+    # A 10 x 10 box, clipped where its random centre lies near an edge.
+    assert bool((erased[~valid] > 0).all()) and float(erased[~valid].max()) == 0.25
+    out, erased = cut(images, maps, windows, flips, valid=valid, policy="area", cold_start="none")
+    assert torch.equal(out[~valid], images[~valid]) and bool((erased[valid] > 0).all())
+
+
+def test_noise_fill_is_unit_variance_and_reproducible():
+    images, maps, windows, flips = batch(B=4, H=64, W=64)
+    a, _ = cut(images, maps, windows, flips, fill="noise", threshold=0.2, generator=torch.Generator().manual_seed(1))
+    b, _ = cut(images, maps, windows, flips, fill="noise", threshold=0.2, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    noise = a[a != images]
+    assert noise.numel() > 1000 and abs(float(noise.mean())) < 0.1 and abs(float(noise.std()) - 1) < 0.05
+    values = hash_noise(torch.arange(1 << 16), seed=7)
+    assert float(values.min()) >= -math.sqrt(3) and float(values.max()) < math.sqrt(3)
+
+
+def test_half_precision_images():
+    images, maps, windows, flips = batch()
+    ref, e32 = cut(images, maps, windows, flips, threshold=0.5)
+    half, e16 = cut(images.half(), maps, windows, flips, threshold=0.5)
+    assert half.dtype == torch.float16 and torch.equal(erased_mask(images.half(), half), erased_mask(images, ref))
+    assert torch.equal(e16, e32)
+
+
+def test_bad_inputs_name_the_problem():
+    images, maps, windows, flips = batch(B=4)
+    with pytest.raises(ConfigError, match="policy='blur'"):
+        cut(images, maps, windows, flips, policy="blur")
+    with pytest.raises(ConfigError, match="unknown CutConfig key.*treshold"):
+        cut(images, maps, windows, flips, treshold=0.3)
+    with pytest.raises(ConfigError, match="area=1.5"):
+        CutConfig(area=1.5)
+    with pytest.raises(ValueError, match="maps must be"):
+        cut(images, maps[:2], windows, flips)
+    with pytest.raises(ValueError, match="windows must be"):
+        cut(images, maps, windows[:, :2], flips)
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+        cut(images[0], maps, windows, flips)
+    with pytest.raises(ValueError, match="floating point"):
+        cut(images.to(torch.uint8), maps, windows, flips)
+    with pytest.raises(ValueError, match="needs CUDA"):
+        cut(images, maps, windows, flips, backend="cupy")

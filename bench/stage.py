@@ -63,7 +63,7 @@ def main(argv=None) -> None:
         for name, options in POLICIES.items():
             backends = ["torch"] + (["cupy"] if supports(images) else [])
             for backend in backends:
-                cfg = CutConfig(**options, backend=backend)
+                cfg = CutConfig(**options, kernel=backend)
                 gen = torch.Generator().manual_seed(1)
                 candidates[f"{name} / {backend}"] = lambda cfg=cfg, gen=gen: cut(
                     work, maps, windows, flips, cfg, generator=gen, inplace=True

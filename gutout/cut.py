@@ -24,7 +24,7 @@ from .config import ConfigError, check_choice, check_range, from_mapping
 from .warp import warp_to_crop
 
 POLICIES = ("threshold", "area", "box", "cutout", "none")
-BACKENDS = ("auto", "torch", "cupy")
+KERNELS = ("auto", "torch", "cupy")
 
 # Per-sample rules in a plan; the CuPy kernel uses the same numbers.
 MODE_NONE, MODE_THRESHOLD, MODE_AREA, MODE_BOX = 0, 1, 2, 3
@@ -41,7 +41,7 @@ class CutConfig:
     p: float = 1.0  # probability that a sample is cut at all
     fill: float | str = 0.0  # 0 after normalisation is the dataset mean; "noise" = uniform, unit variance
     cold_start: str = "cutout"  # samples without a valid map: Cutout of the policy's area, or "none"
-    backend: str = "auto"  # "auto": the CuPy kernel for CUDA tensors when CuPy imports, else torch
+    kernel: str = "auto"  # "auto": the fused CuPy kernel for CUDA tensors when CuPy imports, else torch
 
     def __post_init__(self):
         name = "CutConfig"
@@ -57,7 +57,7 @@ class CutConfig:
         elif not isinstance(self.fill, (int, float)) or not math.isfinite(self.fill):
             raise ConfigError(f"{name}.fill={self.fill!r} must be a finite number or 'noise'")
         check_choice(name, "cold_start", self.cold_start, ("cutout", "none"))
-        check_choice(name, "backend", self.backend, BACKENDS)
+        check_choice(name, "kernel", self.kernel, KERNELS)
 
     @property
     def needs_maps(self) -> bool:
@@ -237,17 +237,17 @@ def _check_inputs(images, maps, windows, flips, config: CutConfig) -> None:
             raise ValueError(f"cut: flips must be (B={B},), got {None if flips is None else tuple(flips.shape)}")
 
 
-def resolve_backend(images: torch.Tensor, config: CutConfig) -> str:
+def resolve_kernel(images: torch.Tensor, config: CutConfig) -> str:
     from . import kernels
 
-    if config.backend == "torch" or (config.backend == "auto" and not images.is_cuda):
+    if config.kernel == "torch" or (config.kernel == "auto" and not images.is_cuda):
         return "torch"
-    if config.backend == "auto":
+    if config.kernel == "auto":
         return "cupy" if kernels.supports(images) else "torch"
     if not images.is_cuda:
-        raise ValueError(f"cut: backend 'cupy' needs CUDA tensors, got images on {images.device}")
+        raise ValueError(f"cut: kernel 'cupy' needs CUDA tensors, got images on {images.device}")
     if not kernels.supports(images):
-        raise ValueError(f"cut: backend 'cupy' cannot run here ({kernels.why_unsupported(images)})")
+        raise ValueError(f"cut: kernel 'cupy' cannot run here ({kernels.why_unsupported(images)})")
     return "cupy"
 
 
@@ -286,7 +286,7 @@ def cut(
     windows = windows.to(images.device)
     flips = flips.to(images.device)
     plan = plan_cuts(maps, valid, windows, flips, (H, W), config, generator)
-    if resolve_backend(images, config) == "cupy":
+    if resolve_kernel(images, config) == "cupy":
         from .kernels import apply_plan_cupy
 
         return apply_plan_cupy(images, plan, maps, windows, flips, config.fill)

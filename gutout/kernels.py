@@ -11,6 +11,7 @@ CuPy is imported lazily: importing gutout never needs it.
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 
@@ -144,6 +145,14 @@ def _kernel(type_name: str, device_index: int):
         return module.get_function(f"gutout_cut<{type_name}>")
 
 
+def _torch_stream(cupy, device: torch.device):
+    """Launch on torch's current stream, so the kernel is ordered with the surrounding torch work."""
+    stream = torch.cuda.current_stream(device)
+    with warnings.catch_warnings():  # CuPy 14 deprecates ExternalStream; older CuPy lacks the replacement
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return cupy.cuda.ExternalStream(stream.cuda_stream, device.index or 0)
+
+
 def apply_plan_cupy(
     images: torch.Tensor, plan: CutPlan, maps, windows, flips, fill: float | str
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,8 +172,7 @@ def apply_plan_cupy(
     kernel = _kernel(_DTYPES[images.dtype], device.index or 0)
     sB, sC, sH, sW = images.stride()  # any memory layout, channels-last included
     as_cupy = cupy.from_dlpack  # zero-copy views of the torch tensors
-    stream = torch.cuda.current_stream(device)
-    with cupy.cuda.Device(device.index or 0), cupy.cuda.ExternalStream(stream.cuda_stream):
+    with cupy.cuda.Device(device.index or 0), _torch_stream(cupy, device):
         kernel(
             ((H * W + _THREADS - 1) // _THREADS, B),
             (_THREADS,),

@@ -164,3 +164,110 @@ def load_cifar(name: str, split: str, data: str | os.PathLike) -> ArrayDataset:
     except OSError:
         classes = tuple(str(i) for i in range(max(labels) + 1))
     return ArrayDataset(torch.from_numpy(np.concatenate(images)), torch.tensor(labels), classes, f"{name}/{split}")
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+@dataclass
+class FolderDataset:
+    """An ImageFolder layout (`root/<class>/<image>`): ordered relative file paths and their labels."""
+
+    root: Path
+    files: list[str]  # relative to root, ordered by class then file name: the cache's sample order
+    labels: torch.Tensor  # (N,) int64
+    classes: tuple[str, ...]
+    name: str = "folder"
+    _fingerprint: str | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @property
+    def channels(self) -> int:
+        return 3
+
+    @property
+    def paths(self) -> list[str]:
+        return [str(self.root / f) for f in self.files]
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = dataset_fingerprint(self.files, self.labels)
+        return self._fingerprint
+
+    def subset(self, indices: torch.Tensor) -> FolderDataset:
+        indices = torch.as_tensor(indices).long()
+        files = [self.files[i] for i in indices.tolist()]
+        return FolderDataset(self.root, files, self.labels[indices], self.classes, f"{self.name}[subset]")
+
+    def without(self, bad_files: list[str]) -> FolderDataset:
+        """The dataset minus files (relative or absolute paths), order otherwise kept."""
+        bad = {str(Path(b).relative_to(self.root)) if Path(b).is_absolute() else b for b in bad_files}
+        keep = [i for i, f in enumerate(self.files) if f not in bad]
+        return FolderDataset(self.root, [self.files[i] for i in keep], self.labels[keep], self.classes, self.name)
+
+
+def scan_folder(root: str | os.PathLike, name: str = "folder") -> FolderDataset:
+    """List an ImageFolder tree; a missing root, no class folders or an empty class folder is an error."""
+    root = Path(root)
+    if not root.exists():
+        raise DatasetError(f"{name}: {root} does not exist")
+    if not root.is_dir():
+        raise DatasetError(f"{name}: {root} is not a folder")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DatasetError(f"{name}: no class folders under {root} (expected {root}/<class>/<image>)")
+    files, labels = [], []
+    for label, cls in enumerate(classes):
+        images = sorted(
+            str(p.relative_to(root))
+            for p in (root / cls).rglob("*")
+            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+        )
+        if not images:
+            raise DatasetError(f"{name}: class folder {root / cls} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        files.extend(images)
+        labels.extend([label] * len(images))
+    return FolderDataset(root, files, torch.tensor(labels, dtype=torch.int64), tuple(classes), name)
+
+
+@dataclass(frozen=True)
+class BadFile:
+    path: str
+    reason: str
+
+
+def _check_one(path: str) -> BadFile | None:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.load()  # decodes everything: truncation shows here, not in verify()
+            if image.width < 1 or image.height < 1:
+                return BadFile(path, "empty image")
+    except Exception as err:  # noqa: BLE001 - any decoder failure makes the file bad
+        return BadFile(path, f"{type(err).__name__}: {err}")
+    return None
+
+
+def check_images(dataset: FolderDataset, workers: int = 2) -> list[BadFile]:
+    """Decode every file once; the files that fail, with the decoder's reason."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        return [bad for bad in pool.map(_check_one, dataset.paths, chunksize=64) if bad is not None]
+
+
+def load_folder(root: str | os.PathLike, *, skip_corrupt: bool = False, name: str = "folder") -> FolderDataset:
+    """An ImageFolder dataset; with `skip_corrupt`, files that fail to decode are listed and left out."""
+    dataset = scan_folder(root, name)
+    if skip_corrupt:
+        bad = check_images(dataset)
+        for b in bad:
+            print(f"skipping corrupt file {b.path}: {b.reason}")
+        dataset = dataset.without([b.path for b in bad])
+        if len(dataset) == 0:
+            raise DatasetError(f"{name}: every file under {root} failed to decode")
+    return dataset

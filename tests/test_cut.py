@@ -221,4 +221,4 @@ def test_bad_inputs_name_the_problem():
     with pytest.raises(ValueError, match="floating point"):
         cut(images.to(torch.uint8), maps, windows, flips)
     with pytest.raises(ValueError, match="needs CUDA"):
-        cut(images, maps, windows, flips, backend="cupy")
+        cut(images, maps, windows, flips, kernel="cupy")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gutout import CutConfig
-from gutout.cut import MODE_AREA, MODE_THRESHOLD, apply_plan_torch, plan_cuts, resolve_backend
+from gutout.cut import MODE_AREA, MODE_THRESHOLD, apply_plan_torch, plan_cuts, resolve_kernel
 from gutout.kernels import why_unsupported
 from gutout.warp import warp_to_crop
 from tests.conftest import random_windows, requires_cuda
@@ -12,7 +12,7 @@ from tests.conftest import random_windows, requires_cuda
 
 def test_cpu_tensors_fall_back_to_torch_with_a_reason():
     x = torch.zeros(1, 3, 4, 4)
-    assert resolve_backend(x, CutConfig()) == "torch"
+    assert resolve_kernel(x, CutConfig()) == "torch"
     assert "not CUDA" in why_unsupported(x)
 
 

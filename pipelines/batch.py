@@ -1,0 +1,87 @@
+"""The one output contract every backend (dali, tensor, torch) honours, and the loader's config."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol
+
+import torch
+
+from gutout.config import ConfigError, check_choice
+
+BACKENDS = ("dali", "tensor", "torch")
+VIEWS = ("train", "val", "refresh")
+
+
+class Batch(NamedTuple):
+    images: torch.Tensor  # (B, C, H, W) float, normalised with mean/std; float16 allowed on CUDA
+    labels: torch.Tensor  # (B,) int64 class labels
+    indices: torch.Tensor  # (B,) int64 position of each sample in the dataset (the cache's index)
+    windows: torch.Tensor  # (B, 4) float32 crop window (y0, x0, y1, x1) in the canonical frame
+    flips: torch.Tensor  # (B,) bool, horizontal flip applied after the crop
+
+
+class BatchSource(Protocol):
+    """A backend's iterable over one view of one dataset shard, `len()` batches per epoch."""
+
+    def __len__(self) -> int: ...
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+    def __iter__(self) -> Iterator[Batch]: ...
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    batch_size: int = 256
+    image_size: int | None = None  # output side in px; None: the dataset's own (arrays) or 224 (folders)
+    mean: tuple[float, ...] | None = None  # [0, 1] pixel units; None: the dataset's own statistics
+    std: tuple[float, ...] | None = None
+    pad: int = 4  # arrays: pad-and-crop padding in px (windows then reach outside [0, 1])
+    crop_area: tuple[float, float] = (0.08, 1.0)  # folders: random-resized-crop area fraction range
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # folders: aspect ratio range
+    flip: bool = True
+    val_resize: float = 256 / 224  # folders: shorter side = image_size * val_resize, then centre crop
+    seed: int = 0
+    device: str = "cpu"
+    backend: str = "dali"
+    num_threads: int = 2  # DALI threads / DataLoader workers
+    shard_id: int = 0  # this process's shard of the dataset (multi-process training)
+    num_shards: int = 1
+    half: bool = False  # float16 images (GPU pipelines)
+
+    def __post_init__(self):
+        name = "LoaderConfig"
+        check_choice(name, "backend", self.backend, BACKENDS)
+        if self.batch_size < 1:
+            raise ConfigError(f"{name}.batch_size={self.batch_size} must be >= 1")
+        if self.image_size is not None and self.image_size < 1:
+            raise ConfigError(f"{name}.image_size={self.image_size} must be >= 1")
+        if self.pad < 0:
+            raise ConfigError(f"{name}.pad={self.pad} must be >= 0")
+        lo, hi = self.crop_area
+        if not 0 < lo <= hi <= 1:
+            raise ConfigError(f"{name}.crop_area={self.crop_area} must satisfy 0 < lo <= hi <= 1")
+        if not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
+            raise ConfigError(f"{name}.crop_ratio={self.crop_ratio} must satisfy 0 < lo <= hi")
+        if not 0 <= self.shard_id < self.num_shards:
+            raise ConfigError(f"{name}.shard_id={self.shard_id} must lie in [0, num_shards={self.num_shards})")
+        if (self.mean is None) != (self.std is None):
+            raise ConfigError(f"{name}: give both mean and std, or neither")
+
+    def epoch_seed(self, epoch: int, salt: int = 0) -> int:
+        """Seed for one epoch of one shard: runs are reproducible and shards draw different numbers."""
+        return (self.seed * 1_000_003 + epoch * 10_007 + self.shard_id * 101 + salt) % (2**31 - 1)
+
+
+def shard_range(samples: int, shard_id: int, num_shards: int) -> tuple[int, int]:
+    """[start, stop) of a shard, as DALI's readers split a dataset (contiguous, sizes differ by <= 1)."""
+    start = samples * shard_id // num_shards
+    stop = samples * (shard_id + 1) // num_shards
+    return start, stop
+
+
+def batches_per_epoch(samples: int, batch_size: int) -> int:
+    return math.ceil(samples / batch_size)

@@ -17,3 +17,31 @@ def random_windows(batch: int, generator: torch.Generator, pad: float = 0.0) -> 
     size = torch.rand(batch, 2, generator=generator) * (0.4 + pad) + 0.2
     hi = lo + size
     return torch.stack([lo[:, 0], lo[:, 1], hi[:, 0], hi[:, 1]], dim=1)
+
+
+def write_idx(path, array) -> None:
+    """An idx file (gzip), as Fashion-MNIST ships: uint8 data, big-endian dims."""
+    import gzip
+    import struct
+
+    import numpy as np
+
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.tobytes())
+
+
+def fake_fashion_mnist(folder, n_train=512, n_test=200, seed=0):
+    """A learnable stand-in for Fashion-MNIST: class c is a bright blob at a class-specific place, plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        labels = torch.randint(0, 10, (n,), generator=g)
+        images = torch.rand(n, 28, 28, generator=g) * 60
+        for c in range(10):
+            r, col = 4 + (c // 5) * 12, 2 + (c % 5) * 5
+            images[labels == c, r : r + 10, col : col + 6] += 150
+        write_idx(folder / f"{split}-images-idx3-ubyte.gz", images.clamp(0, 255).numpy())
+        write_idx(folder / f"{split}-labels-idx1-ubyte.gz", labels.numpy())
+    return folder

@@ -1,6 +1,146 @@
+"""The `gutout` command line: train, show, check."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
 import click
 
+from gutout.config import ConfigError
 
-@click.group()
+from .config import DATASETS, MODELS, POLICIES, make_config, read_config_file
+
+
+def _fail(message: str) -> None:
+    raise click.ClickException(message)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main():
-    """gutout"""
+    """Gutout: Cutout that erases what the model (or its ensemble peers) finds important."""
+
+
+def _float_or_noise(value):
+    if value is None or value == "noise":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is neither a number nor 'noise'") from None
+
+
+@main.command(context_settings={"show_default": True})
+@click.argument("dataset", type=click.Choice(DATASETS))
+@click.option("--data", type=click.Path(), help="Dataset folder (ImageFolder train/ val/, CIFAR pickles, idx files).")
+@click.option("--ensemble", type=int, help="Members K (default 1: self-Gutout; K > 1 cuts with peers' maps).")
+@click.option("--model", type=click.Choice(MODELS), help="Default: small-resnet (<= 32 px) or resnet18.")
+@click.option("--epochs", type=int, help="Epochs (default 10).")
+@click.option("--batch-size", type=int, help="Batch size per member (default 256).")
+@click.option("--lr", type=float, help="Peak learning rate (default 0.1).")
+@click.option("--momentum", type=float, help="SGD Nesterov momentum (default 0.9).")
+@click.option("--weight-decay", type=float, help="Weight decay (default 5e-4).")
+@click.option("--schedule", type=click.Choice(["cosine", "multistep"]), help="LR schedule (default cosine).")
+@click.option("--milestones", help="Multistep epochs, comma-separated (default 50%,75% of --epochs).")
+@click.option("--label-smoothing", type=float, help="Label smoothing (default 0).")
+@click.option("--preset", type=click.Choice(["cutout-paper"]), help="The Cutout paper's hyperparameters.")
+@click.option("--policy", type=click.Choice(POLICIES), help="What to erase (default threshold).")
+@click.option("--threshold", type=float, help="threshold: erase where saliency > T (default 0.5).")
+@click.option("--area", type=float, help="area: erase the top P fraction of pixels (default 0.25).")
+@click.option("--size", type=float, help="box / cutout: side as a fraction of the crop side (default 0.5).")
+@click.option("--box-center", type=click.Choice(["peak", "sample"]), help="box: centre on the peak or sample it.")
+@click.option("--p", "p", type=float, help="Probability that a sample is cut (default 1).")
+@click.option("--fill", callback=lambda ctx, param, v: _float_or_noise(v), help="Fill value after normalisation, "
+              "or 'noise' (default 0 = the dataset mean).")  # fmt: skip
+@click.option("--cold-start", type=click.Choice(["cutout", "none"]), help="Samples without maps (default cutout).")
+@click.option("--peers", type=click.Choice(["others", "self", "max"]), help="Whose maps cut a member's images.")
+@click.option("--refresh", type=click.Choice(["pass", "harvest"]), help="How maps are refreshed (default pass).")
+@click.option("--refresh-every", type=int, help="Refresh every N epochs (default 1).")
+@click.option("--warmup-epochs", type=int, help="Epochs with the cold-start rule before the first refresh (1).")
+@click.option("--target", type=click.Choice(["label", "pred"]), help="Grad-CAM target class (default label).")
+@click.option("--backend", type=click.Choice(["auto", "dali", "tensor", "torch"]), help="Data pipeline (auto).")
+@click.option("--skip-corrupt", is_flag=True, default=None, help="Leave out image files that fail to decode.")
+@click.option("--subset", type=int, help="Train on a fixed seeded subset of N samples.")
+@click.option("--image-size", type=int, help="Input side in px (default: the dataset's, or 224).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Device (default auto).")
+@click.option("--amp/--no-amp", default=None, help="Mixed precision + channels-last on CUDA (default on).")
+@click.option("--num-threads", type=int, help="DALI threads / DataLoader workers (default 2).")
+@click.option("--eval-batch-size", type=int, help="Batch size for evaluation and refresh (default 1024).")
+@click.option("--seed", type=int, help="Seed (default 0).")
+@click.option("--wandb", type=click.Choice(["offline", "online", "disabled"]), help="W&B mode (default offline).")
+@click.option("--out", type=click.Path(), help="Folder of run directories (default runs).")
+@click.option("--name", help="Run name (default <dataset>-k<K>-<policy>-s<seed>).")
+@click.option("--resume", is_flag=True, default=None, help="Continue from the run directory's last checkpoint.")
+@click.option("--progress/--no-progress", default=None, help="Progress bars (default: when on a terminal).")
+@click.option("--config", "config_file", type=click.Path(), help="YAML/TOML file of options (CLI options win).")
+def train(dataset, config_file, milestones, **options):
+    """Train a Gutout ensemble on DATASET (fashion-mnist, cifar10, cifar100, imagenet, folder)."""
+    from .trainer import NonFiniteLoss, ResumeMismatch, Trainer, summary_table, tqdm_progress
+
+    if milestones is not None:
+        try:
+            options["milestones"] = tuple(int(m) for m in milestones.split(","))
+        except ValueError:
+            _fail(f"--milestones {milestones!r} must be comma-separated integers")
+    try:
+        file_values = read_config_file(config_file) if config_file else {}
+        cfg = make_config(file_values, dataset=dataset, **options)
+        trainer = Trainer(cfg, log=click.echo)
+        click.echo(f"run {cfg.run_dir}: {cfg.ensemble} x {cfg.model_name} on {cfg.dataset} ({len(trainer.train_set)} "
+                   f"train / {len(trainer.test_set)} test), {trainer.backend} backend on {trainer.device}, "
+                   f"policy {cfg.policy}, peers {cfg.peer_rule}, refresh {cfg.refresh}")  # fmt: skip
+        final = trainer.run(progress=tqdm_progress(cfg.progress))
+    except (ConfigError, ResumeMismatch, NonFiniteLoss, ValueError) as err:
+        _fail(str(err))
+    click.echo("\n" + summary_table(final, cfg.ensemble))
+    click.echo(f"\nrun directory: {cfg.run_dir} (metrics.jsonl, samples.png, curves.png, checkpoint.pt"
+               f"{', wandb/' if cfg.wandb != 'disabled' else ''})")  # fmt: skip
+
+
+@main.command()
+@click.argument("run", type=click.Path(exists=True, file_okay=False))
+def show(run):
+    """Write the figures of a finished or running RUN directory (samples.png, curves.png)."""
+    import dataclasses
+
+    import yaml
+
+    from .config import TrainConfig
+    from .trainer import Trainer
+
+    run_dir = Path(run)
+    try:
+        values = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except OSError as err:
+        _fail(f"{run_dir} is not a gutout run directory ({err})")
+    cfg = dataclasses.replace(TrainConfig(**{**values, "milestones": tuple(values.get("milestones") or ())}),
+                              out=str(run_dir.parent), name=run_dir.name, resume=True, wandb="disabled")  # fmt: skip
+    trainer = Trainer(cfg, log=click.echo)
+    if not trainer.load_checkpoint():
+        _fail(f"{run_dir} has no checkpoint yet")
+    for path in trainer.write_figures():
+        click.echo(f"wrote {path}")
+
+
+@main.command()
+@click.argument("root", type=click.Path())
+@click.option("--workers", type=int, default=2, show_default=True)
+def check(root, workers):
+    """Decode every image of an ImageFolder ROOT once and list the files that fail."""
+    from gutout.pipelines.datasets import DatasetError, check_images, scan_folder
+
+    try:
+        dataset = scan_folder(root)
+    except DatasetError as err:
+        _fail(str(err))
+    bad = check_images(dataset, workers=workers)
+    for b in bad:
+        click.echo(f"{b.path}: {b.reason}")
+    click.echo(
+        f"{len(dataset)} files, {len(bad)} bad" + ("; train with --skip-corrupt to leave them out" if bad else "")
+    )
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -61,3 +61,19 @@ def small_resnet(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
 def resnet18_cifar(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
     """The CIFAR ResNet-18 of the Cutout paper's code (64-512 channels, 4x4 maps at 32 px)."""
     return CifarResNet((64, 128, 256, 512), (2, 2, 2, 2), num_classes, in_channels)
+
+
+def build_model(name: str, num_classes: int, in_channels: int) -> nn.Module:
+    """A model by name; ImageNet-sized torchvision ResNets take a 1-channel stem when the data is grayscale."""
+    if name == "small-resnet":
+        return small_resnet(num_classes, in_channels)
+    if name == "resnet18-cifar":
+        return resnet18_cifar(num_classes, in_channels)
+    if name in ("resnet18", "resnet34", "resnet50"):
+        import torchvision
+
+        model = getattr(torchvision.models, name)(num_classes=num_classes)
+        if in_channels != 3:
+            model.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+        return model
+    raise ValueError(f"unknown model {name!r}")

@@ -1,0 +1,145 @@
+"""The trainer end to end: CLI, metrics, figures, W&B offline, harvest, exact resume after SIGKILL."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from gutout.train.cli import main
+from gutout.train.config import TrainConfig, make_config
+from gutout.train.trainer import NonFiniteLoss, Trainer
+from tests.conftest import fake_fashion_mnist
+
+EPOCH_KEYS = [
+    "epoch", "member/0/val_acc", "member/0/val_nll", "member/1/val_acc", "ensemble/val_acc",
+    "ensemble/disagreement", "ensemble/nll", "ensemble/ece", "throughput/train_img_per_s",
+    "throughput/loader_wait_frac", "time/refresh_s", "gutout/erased_frac",
+]  # fmt: skip
+TIMING = ("throughput/", "time/")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return fake_fashion_mnist(tmp_path_factory.mktemp("fmnist"), n_train=1024)
+
+
+def base_args(data, out, *extra):
+    return ["train", "fashion-mnist", "--data", str(data), "--out", str(out), "--batch-size", "32",
+            "--eval-batch-size", "256", "--num-threads", "0", "--no-progress", *extra]  # fmt: skip
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_timing(record):
+    return {k: v for k, v in record.items() if not k.startswith(TIMING)}
+
+
+def test_tiny_ensemble_run_end_to_end(data, tmp_path):
+    result = CliRunner().invoke(main, base_args(data, tmp_path, "--ensemble", "2", "--epochs", "3", "--name", "e2e",
+                                                "--wandb", "offline", "--p", "0.5"))  # fmt: skip
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "e2e"
+    records = read_metrics(run)
+    assert [r["epoch"] for r in records] == [0, 1, 2]
+    for record in records:
+        assert all(key in record for key in EPOCH_KEYS), sorted(set(EPOCH_KEYS) - set(record))
+    assert records[-1]["ensemble/val_acc"] > 0.5  # the synthetic classes are easy (chance: 0.1)
+    assert records[0]["time/refresh_s"] > 0 and records[-1]["time/refresh_s"] == 0  # none after the last epoch
+    assert 0 < records[-1]["gutout/erased_frac"] < 1
+    for name in ("samples.png", "curves.png", "checkpoint.pt", "cache.gsc", "config.yaml", "git-revision"):
+        assert (run / name).exists(), name
+    assert list((run / "wandb").glob("offline-run-*")), "the W&B offline run lands in the run directory"
+    assert "| ensemble |" in result.output and "disagreement" in result.output
+    show = CliRunner().invoke(main, ["show", str(run)])
+    assert show.exit_code == 0 and "samples.png" in show.output, show.output
+
+
+def test_cli_rejects_bad_options_with_names(data, tmp_path):
+    runner = CliRunner()
+    bad_file = tmp_path / "bad.yaml"
+    bad_file.write_text("epochs: 2\nlearning_rate: 0.1\n")
+    result = runner.invoke(main, base_args(data, tmp_path, "--config", str(bad_file)))
+    assert result.exit_code != 0 and "learning_rate" in result.output
+    result = runner.invoke(main, base_args(data, tmp_path, "--peers", "others"))
+    assert result.exit_code != 0 and "--ensemble >= 2" in result.output
+    result = runner.invoke(main, base_args(data, tmp_path, "--threshold", "1.5"))
+    assert result.exit_code != 0 and "threshold=1.5" in result.output
+    result = runner.invoke(main, base_args(data, tmp_path, "--policy", "blur"))
+    assert result.exit_code != 0 and "blur" in result.output
+    result = runner.invoke(main, base_args(tmp_path / "nowhere", tmp_path))
+    assert result.exit_code != 0 and "nowhere" in result.output
+    assert "--refresh-every" in runner.invoke(main, ["train", "--help"]).output
+
+
+def test_config_file_and_preset(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('ensemble = 3\npolicy = "area"\narea = 0.3\n')
+    from gutout.train.config import read_config_file
+
+    cfg = make_config(read_config_file(toml), epochs=5)
+    assert (cfg.ensemble, cfg.policy, cfg.area, cfg.epochs, cfg.peer_rule) == (3, "area", 0.3, 5, "others")
+    paper = make_config(preset="cutout-paper", dataset="fashion-mnist")
+    assert (paper.epochs, paper.milestones, paper.batch_size, paper.policy) == (200, (60, 120, 160), 128, "cutout")
+    assert make_config(preset="cutout-paper", epochs=30).epochs == 30  # explicit options win
+
+
+def test_harvest_mode_reports_its_cost(data, tmp_path):
+    result = CliRunner().invoke(main, base_args(data, tmp_path, "--ensemble", "2", "--epochs", "2", "--refresh",
+                                                "harvest", "--wandb", "disabled", "--name", "h"))  # fmt: skip
+    assert result.exit_code == 0, result.output
+    records = read_metrics(tmp_path / "h")
+    assert all("time/harvest_ms_per_step" in r for r in records)
+    trainer_cache = torch.load(tmp_path / "h" / "checkpoint.pt", weights_only=False)["cache"]
+    assert bool(trainer_cache["valid"].all())  # every sample was seen, so every map was harvested
+
+
+def test_resume_refuses_another_runs_checkpoint(data, tmp_path):
+    runner = CliRunner()
+    assert runner.invoke(main, base_args(data, tmp_path, "--epochs", "1", "--name", "r", "--wandb", "disabled"))
+    result = runner.invoke(main, base_args(data, tmp_path, "--epochs", "1", "--name", "r", "--wandb", "disabled",
+                                           "--policy", "area", "--resume"))  # fmt: skip
+    assert result.exit_code != 0 and "policy: checkpoint has 'threshold', this run has 'area'" in result.output
+    result = runner.invoke(main, base_args(data, tmp_path, "--epochs", "1", "--name", "r", "--wandb", "disabled"))
+    assert result.exit_code != 0 and "--resume" in result.output
+
+
+def test_non_finite_loss_names_member_epoch_and_step(data, tmp_path):
+    cfg = TrainConfig(data=str(data), out=str(tmp_path), epochs=1, batch_size=32, wandb="disabled", num_threads=0,
+                      ensemble=2)  # fmt: skip
+    trainer = Trainer(cfg, log=lambda *a: None)
+    with torch.no_grad():
+        trainer.members[1].model.fc.weight.fill_(float("nan"))
+    with pytest.raises(NonFiniteLoss, match="member 1 at epoch 0, step 0"):
+        trainer.run()
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_gives_the_same_metrics(data, tmp_path):
+    args = base_args(data, tmp_path, "--ensemble", "2", "--epochs", "4", "--wandb", "disabled", "--subset", "384")
+    cmd = [sys.executable, "-m", "gutout.train.cli", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([*cmd, "--name", "straight"], check=True, env=env, capture_output=True, timeout=600)
+    straight = read_metrics(tmp_path / "straight")
+
+    victim = tmp_path / "killed"
+    proc = subprocess.Popen([*cmd, "--name", "killed"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (victim / "checkpoint.pt").exists() and time.time() < deadline:  # after the first epoch...
+        time.sleep(0.05)
+    time.sleep(0.7)  # ...and somewhere inside the next one
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    partial = read_metrics(victim)
+    assert 1 <= len(partial) < 4, "the kill must land mid-run"
+    subprocess.run([*cmd, "--name", "killed", "--resume"], check=True, env=env, capture_output=True, timeout=600)
+    resumed = read_metrics(victim)
+    assert [without_timing(r) for r in resumed] == [without_timing(r) for r in straight]

@@ -1,0 +1,181 @@
+"""TrainConfig: every option of `gutout train`, validated; from the CLI, a YAML/TOML file, or both."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from gutout.config import ConfigError, check_choice, check_range, from_mapping
+
+DATASETS = ("fashion-mnist", "cifar10", "cifar100", "imagenet", "folder")
+MODELS = ("small-resnet", "resnet18-cifar", "resnet18", "resnet34", "resnet50")
+POLICIES = ("threshold", "area", "box", "cutout", "none")
+
+# The Cutout paper's CIFAR recipe (DeVries & Taylor 2017): SGD + Nesterov, lr 0.1, wd 5e-4, batch 128,
+# 200 epochs, lr x 0.2 at epochs 60, 120, 160; a 16 px square on 32 px images.
+CUTOUT_PAPER = dict(
+    lr=0.1, momentum=0.9, weight_decay=5e-4, batch_size=128, epochs=200, schedule="multistep",
+    milestones=(60, 120, 160), lr_decay=0.2, policy="cutout", size=0.5,
+)  # fmt: skip
+PRESETS = {"cutout-paper": CUTOUT_PAPER}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    dataset: str = "fashion-mnist"
+    data: str | None = None  # dataset folder; fashion-mnist falls back to Debian's package, then a download
+    ensemble: int = 1  # K members; K = 1 is self-Gutout, K > 1 cuts each member with its peers' saliency
+    model: str | None = None  # None: small-resnet for <= 32 px datasets, resnet18 for ImageNet-sized ones
+    epochs: int = 10
+    batch_size: int = 256
+    lr: float = 0.1  # peak learning rate for batch_size (linearly warmed up over the first 2% of steps)
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"  # "cosine" to zero, or "multistep" (x lr_decay at each milestone epoch)
+    milestones: tuple[int, ...] = ()
+    lr_decay: float = 0.2
+    label_smoothing: float = 0.0
+    preset: str | None = None  # "cutout-paper": the Cutout paper's hyperparameters (explicit options win)
+    policy: str = "threshold"
+    threshold: float = 0.5
+    area: float = 0.25
+    size: float = 0.5  # box / Cutout side, fraction of the crop side (Cutout paper: 16/32)
+    box_center: str = "peak"
+    p: float = 1.0
+    fill: float | str = 0.0
+    cold_start: str = "cutout"
+    peers: str | None = None  # None: "self" for K = 1, "others" for K > 1
+    refresh: str = "pass"  # "pass": Grad-CAM over the training set after the epoch; "harvest": from its forward
+    refresh_every: int = 1
+    warmup_epochs: int = 1  # epochs trained with the cold-start rule before the first refresh
+    target: str = "label"  # Grad-CAM target: the true label, or "pred"
+    backend: str = "auto"  # "auto": tensor for in-memory datasets, dali for image folders
+    skip_corrupt: bool = False  # image folders: decode every file once and leave out those that fail
+    subset: int | None = None  # train on a fixed seeded subset of N samples (the full test set still evaluates)
+    image_size: int | None = None  # None: the dataset's own size (arrays) or 224 (folders)
+    device: str = "auto"  # "auto": cuda when available, else cpu
+    amp: bool = True  # mixed precision and channels-last, on CUDA only
+    num_threads: int = 2  # DALI threads / DataLoader workers
+    eval_batch_size: int = 1024
+    seed: int = 0
+    wandb: str = "offline"  # "offline" (the run lands in the run directory), "online", or "disabled"
+    wandb_project: str = "gutout"
+    out: str = "runs"  # run directories are created under this folder
+    name: str | None = None  # run name; None: <dataset>-k<K>-<policy>-s<seed>
+    resume: bool = False
+    sample_grid: int = 6  # images in the per-epoch sample grid (0: none)
+    progress: bool | None = None  # progress bars; None: when stderr is a terminal
+
+    def __post_init__(self):
+        name = "TrainConfig"
+        check_choice(name, "dataset", self.dataset, DATASETS)
+        if self.model is not None:
+            check_choice(name, "model", self.model, MODELS)
+        check_choice(name, "policy", self.policy, POLICIES)
+        check_choice(name, "schedule", self.schedule, ("cosine", "multistep"))
+        check_choice(name, "refresh", self.refresh, ("pass", "harvest"))
+        check_choice(name, "target", self.target, ("label", "pred"))
+        check_choice(name, "backend", self.backend, ("auto", "dali", "tensor", "torch"))
+        check_choice(name, "device", self.device, ("auto", "cpu", "cuda"))
+        check_choice(name, "wandb", self.wandb, ("offline", "online", "disabled"))
+        if self.peers is not None:
+            check_choice(name, "peers", self.peers, ("others", "self", "max"))
+            if self.peers == "others" and self.ensemble < 2:
+                raise ConfigError("TrainConfig.peers='others' needs --ensemble >= 2 (one member can only use 'self')")
+        if self.preset is not None:
+            check_choice(name, "preset", self.preset, tuple(PRESETS))
+        minimums = dict(ensemble=1, epochs=1, batch_size=1, refresh_every=1, eval_batch_size=1, num_threads=0,
+                        warmup_epochs=0, sample_grid=0)  # fmt: skip
+        for key, lo in minimums.items():
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < lo:
+                raise ConfigError(f"{name}.{key}={value!r} must be an integer >= {lo}")
+        if self.subset is not None and (not isinstance(self.subset, int) or self.subset < 1):
+            raise ConfigError(f"{name}.subset={self.subset!r} must be a positive integer")
+        check_range(name, "lr", self.lr, 0.0, 100.0, lo_open=True)
+        check_range(name, "momentum", self.momentum, 0.0, 1.0)
+        check_range(name, "weight_decay", self.weight_decay, 0.0, 1.0)
+        check_range(name, "label_smoothing", self.label_smoothing, 0.0, 1.0)
+        check_range(name, "lr_decay", self.lr_decay, 0.0, 1.0, lo_open=True)
+        if self.dataset in ("imagenet", "folder") and self.data is None:
+            raise ConfigError(f"dataset {self.dataset!r} needs --data PATH (an ImageFolder tree)")
+
+    # -- derived values ------------------------------------------------------------------------------
+
+    @property
+    def peer_rule(self) -> str:
+        return self.peers or ("self" if self.ensemble == 1 else "others")
+
+    @property
+    def model_name(self) -> str:
+        if self.model is not None:
+            return self.model
+        return "resnet18" if self.dataset in ("imagenet", "folder") else "small-resnet"
+
+    @property
+    def run_name(self) -> str:
+        return self.name or f"{self.dataset}-k{self.ensemble}-{self.policy}-s{self.seed}"
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out) / self.run_name
+
+    def stage_options(self) -> dict[str, Any]:
+        """The flat options of gutout.StageConfig.from_flat."""
+        return dict(policy=self.policy, threshold=self.threshold, area=self.area, size=self.size,
+                    box_center=self.box_center, p=self.p, fill=self.fill, cold_start=self.cold_start,
+                    peers=self.peer_rule)  # fmt: skip
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    # Options that may differ between a run and its resumption: where it logs and how it shows progress.
+    RESUME_FREE = ("resume", "wandb", "progress", "device", "num_threads", "out")
+
+    def identity(self) -> dict[str, Any]:
+        """What must match for `--resume` to continue a run."""
+        return {k: v for k, v in self.to_dict().items() if k not in self.RESUME_FREE}
+
+
+def _normalise(values: dict[str, Any]) -> dict[str, Any]:
+    values = {k.replace("-", "_"): v for k, v in values.items()}
+    for key in ("milestones",):
+        if key in values and values[key] is not None:
+            values[key] = tuple(int(m) for m in values[key])
+    return values
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Options from a YAML or TOML file (a flat mapping of option names)."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            values = tomllib.loads(text)
+        else:
+            import yaml
+
+            values = yaml.safe_load(text) or {}
+    except Exception as err:  # noqa: BLE001 - either parser's error, with the file named
+        raise ConfigError(f"cannot parse {path}: {err}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path} must hold a mapping of option names to values, got {type(values).__name__}")
+    return values
+
+
+def make_config(file_values: dict[str, Any] | None = None, **cli_values: Any) -> TrainConfig:
+    """File values, then the preset, then explicit CLI values (highest priority); unknown keys fail."""
+    values = _normalise(dict(file_values or {}))
+    values.update(_normalise({k: v for k, v in cli_values.items() if v is not None}))
+    preset = values.get("preset")
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+        values = _normalise(dict(PRESETS[preset])) | values
+    return from_mapping(TrainConfig, values)

@@ -1,0 +1,77 @@
+"""Figures of a run: the sample grid (image, each member's saliency, each member's Gutout view) and curves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+def jet(maps: torch.Tensor) -> torch.Tensor:
+    """A jet-like colour map: (..., H, W) in [0, 1] -> (..., 3, H, W) in [0, 1]."""
+    m = maps.clamp(0, 1)[..., None, :, :]
+    return torch.cat([(1.5 - (4 * m - c).abs()).clamp(0, 1) for c in (3.0, 2.0, 1.0)], dim=-3)
+
+
+def to_display(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """Normalised (B, C, H, W) -> RGB in [0, 1]."""
+    mean = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
+    std = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
+    rgb = (images.float() * std + mean).clamp(0, 1)
+    return rgb.expand(-1, 3, -1, -1) if rgb.shape[1] == 1 else rgb
+
+
+def sample_grid(images, maps, cut_views, mean, std, scale: int = 4) -> torch.Tensor:
+    """uint8 (H, W, 3) grid; rows are samples, columns: image | saliency of each member | Gutout view of each.
+
+    images (n, C, H, W) and cut_views (K, n, C, H, W) normalised, maps (K, n, h, w) canonical (whole image).
+    """
+    n, _, H, W = images.shape
+    base = to_display(images, mean, std)  # (n, 3, H, W)
+    columns = [base]
+    for member_maps in maps:
+        heat = jet(F.interpolate(member_maps[:, None].float(), size=(H, W), mode="bilinear",
+                                 align_corners=False)[:, 0])  # fmt: skip
+        columns.append(0.5 * base + 0.5 * heat)
+    columns += [to_display(view, mean, std) for view in cut_views]
+    tiles = torch.stack(columns, dim=1)  # (n, columns, 3, H, W)
+    tiles = F.pad(tiles, (1, 1, 1, 1), value=1.0)  # white separators
+    cols = tiles.shape[1]
+    grid = tiles.permute(0, 3, 1, 4, 2).reshape(n * (H + 2), cols * (W + 2), 3)  # (rows, cols, 3)
+    grid = grid.repeat_interleave(scale, 0).repeat_interleave(scale, 1)
+    return (grid * 255).round().to(torch.uint8).cpu()
+
+
+def save_png(grid: torch.Tensor, path: Path) -> None:
+    from PIL import Image
+
+    Image.fromarray(grid.numpy()).save(path)
+
+
+def save_curves(history: list[dict], members: int, path: Path) -> None:
+    """Accuracy of each member and of the ensemble, and disagreement, against the epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [r for r in history if "ensemble/val_acc" in r]
+    if not records:
+        return
+    epochs = [r["epoch"] for r in records]
+    fig, (acc_ax, dis_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for m in range(members):
+        acc_ax.plot(epochs, [100 * r[f"member/{m}/val_acc"] for r in records], "--", label=f"member {m}")
+    acc_ax.plot(epochs, [100 * r["ensemble/val_acc"] for r in records], "k-", lw=2, label="ensemble")
+    acc_ax.set(xlabel="epoch", ylabel="test accuracy (%)", title="accuracy")
+    acc_ax.legend(fontsize=8)
+    dis_ax.plot(epochs, [100 * r["ensemble/disagreement"] for r in records], "C3-", label="disagreement")
+    dis_ax.plot(epochs, [100 * r["gutout/erased_frac"] for r in records], "C2:", label="erased fraction")
+    dis_ax.set(xlabel="epoch", ylabel="%", title="pairwise disagreement / erased area")
+    dis_ax.legend(fontsize=8)
+    for ax in (acc_ax, dis_ax):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

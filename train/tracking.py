@@ -1,0 +1,75 @@
+"""Where metrics go: `metrics.jsonl` in the run directory (one JSON object per event) and W&B.
+
+W&B is offline by default (the run lands in the run directory) and must never hang a run: an online init
+that fails or times out falls back to offline with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import warnings
+from pathlib import Path
+from typing import Any
+
+from gutout.atomic import atomic_write_bytes
+
+
+class Tracker:
+    def __init__(self, run_dir: Path, config: dict[str, Any], mode: str, project: str, name: str,
+                 history: list[dict] | None = None):  # fmt: skip
+        self.run_dir = run_dir
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.history: list[dict] = list(history or [])
+        # Resuming rewrites the log from the checkpoint's history: events after the checkpoint never happened.
+        atomic_write_bytes(self.metrics_path, b"".join(json.dumps(r).encode() + b"\n" for r in self.history))
+        self.wandb = None
+        if mode != "disabled":
+            self.wandb = _init_wandb(run_dir, config, mode, project, name)
+
+    def log(self, record: dict[str, Any], images: dict[str, Any] | None = None) -> None:
+        self.history.append(record)
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            payload = dict(record)
+            for key, grid in (images or {}).items():
+                payload[key] = self._wandb_module.Image(grid)
+            self.wandb.log(payload)
+
+    @property
+    def _wandb_module(self):
+        import wandb
+
+        return wandb
+
+    def finish(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+def _init_wandb(run_dir: Path, config: dict, mode: str, project: str, name: str):
+    import wandb
+
+    id_file = run_dir / "wandb-id"
+    run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)  # resumes reuse it
+    id_file.write_text(run_id)
+    settings = wandb.Settings(init_timeout=60, silent=True, console="off")
+    kwargs = dict(project=project, name=name, id=run_id, resume="allow", dir=str(run_dir), config=config,
+                  settings=settings)  # fmt: skip
+    try:
+        run = wandb.init(mode=mode, **kwargs)
+    except Exception as err:  # noqa: BLE001 - no network, no key: never let logging stop training
+        if mode == "offline":
+            warnings.warn(f"W&B could not start ({err}); logging to metrics.jsonl only", stacklevel=2)
+            return None
+        warnings.warn(f"W&B online init failed ({err}); logging offline instead", stacklevel=2)
+        os.environ.setdefault("WANDB_MODE", "offline")
+        run = wandb.init(mode="offline", **kwargs)
+    # Dashboards plot against the epoch and against throughput.
+    run.define_metric("epoch")
+    run.define_metric("*", step_metric="epoch")
+    run.define_metric("throughput/train_img_per_s", step_metric="epoch", summary="max")
+    return run

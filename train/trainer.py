@@ -1,0 +1,482 @@
+"""The ensemble trainer: K members, a shared saliency cache, a refresh each epoch, metrics, exact resume.
+
+Each epoch: the members train interleaved (one step each, in turn), each on batches cut with its peers'
+maps from the cache; then the refresh (a Grad-CAM pass over the training set, or the maps harvested from the
+training forwards) is published, so epoch e + 1 cuts with epoch e's maps; then every member is evaluated,
+the ensemble metrics are logged, and an atomic checkpoint is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from gutout import ActivationCapture, SaliencyCache, StageConfig, cam_from_activations, warp_to_canonical
+from gutout.atomic import atomic_write_bytes, atomic_writer
+from gutout.config import ConfigError
+from gutout.gradcam import default_layer, preserved_modes
+from gutout.pipelines import ArrayDataset, GutoutLoader, LoaderConfig, make_source
+from gutout.pipelines.datasets import load_cifar, load_fashion_mnist, load_folder
+from gutout.pipelines.normalise import resolve_stats
+
+from .config import TrainConfig
+from .figures import sample_grid, save_curves, save_png
+from .metrics import ensemble_metrics
+from .models import build_model
+from .tracking import Tracker
+
+CHECKPOINT = "checkpoint.pt"
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class ResumeMismatch(RuntimeError):
+    pass
+
+
+@dataclass
+class Member:
+    index: int
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler  # AMP loss scale, per member: one member's overflow must not skip another's step
+    loader: GutoutLoader
+
+
+# -- data ------------------------------------------------------------------------------------------------
+
+
+def load_datasets(cfg: TrainConfig):
+    """(train, test) datasets; the train set cut to a fixed seeded subset when `subset` is set."""
+    if cfg.dataset == "fashion-mnist":
+        train, test = load_fashion_mnist("train", cfg.data), load_fashion_mnist("test", cfg.data)
+    elif cfg.dataset in ("cifar10", "cifar100"):
+        if cfg.data is None:
+            raise ConfigError(f"dataset {cfg.dataset!r} needs --data (the official python-pickle folder)")
+        train, test = load_cifar(cfg.dataset, "train", cfg.data), load_cifar(cfg.dataset, "test", cfg.data)
+    else:
+        root = Path(cfg.data)
+        train = load_folder(root / "train", skip_corrupt=cfg.skip_corrupt, name=cfg.dataset)
+        test = load_folder(root / "val", skip_corrupt=cfg.skip_corrupt, name=cfg.dataset)
+    if cfg.subset is not None:
+        if cfg.subset > len(train):
+            raise ConfigError(f"--subset {cfg.subset} exceeds the {len(train)} training samples of {cfg.dataset}")
+        chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.subset]
+        train = train.subset(chosen.sort().values)
+    return train, test
+
+
+def resolve_backend(cfg: TrainConfig, dataset) -> str:
+    if cfg.backend != "auto":
+        return cfg.backend
+    if isinstance(dataset, ArrayDataset):
+        return "tensor"
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return "torch"
+    return "dali"
+
+
+def resolve_device(cfg: TrainConfig) -> torch.device:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda but CUDA is not available here; use --device cpu")
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def git_revision() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)  # fmt: skip
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+# -- the trainer -----------------------------------------------------------------------------------------
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, log=print):
+        self.cfg, self.log = cfg, log
+        self.device = resolve_device(cfg)
+        self.amp = cfg.amp and self.device.type == "cuda"
+        self.run_dir = cfg.run_dir
+        self.train_set, self.test_set = load_datasets(cfg)
+        self.backend = resolve_backend(cfg, self.train_set)
+        self.num_classes = len(self.train_set.classes)
+        self.mean, self.std = resolve_stats(self.train_set, LoaderConfig(backend="tensor"))
+        image_size = cfg.image_size or (224 if cfg.dataset in ("imagenet", "folder") else None)
+        self.loader_config = LoaderConfig(
+            batch_size=cfg.batch_size, image_size=image_size, mean=self.mean, std=self.std, seed=cfg.seed,
+            device=str(self.device), backend=self.backend, num_threads=cfg.num_threads, half=self.amp,
+        )  # fmt: skip
+        self.members: list[Member] = []
+        self.layer, self.map_size = self._probe_layer()
+        self.cache = SaliencyCache(
+            cfg.ensemble, len(self.train_set), self.map_size, device=self.device,
+            fingerprint=self.train_set.fingerprint, layer=self.layer, target=cfg.target,
+        )  # fmt: skip
+        stage = StageConfig.from_flat(cfg.stage_options())
+        for m in range(cfg.ensemble):
+            self.members.append(self._make_member(m, stage))
+        self.history: list[dict] = []
+        self.start_epoch = 0
+
+    # -- construction ------------------------------------------------------------------------------------
+
+    def _new_model(self, member: int) -> torch.nn.Module:
+        torch.manual_seed(self.cfg.seed * 1000 + member)  # each member its own initialisation
+        model = build_model(self.cfg.model_name, self.num_classes, self.train_set.channels).to(self.device)
+        if self.amp:
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+    def _probe_layer(self) -> tuple[str, tuple[int, int]]:
+        """The Grad-CAM layer (last convolutional stage) and its output grid: the cache's map size."""
+        model = self._new_model(0)
+        probe_config = dataclasses.replace(self.loader_config, batch_size=2, half=False)
+        images = next(iter(make_source(self.train_set, "refresh", probe_config))).images.float()
+        layer = default_layer(model, images)
+        with preserved_modes(model), torch.no_grad(), ActivationCapture(model, layer) as capture:
+            model.eval()
+            model(images)
+        return layer, tuple(capture.activations.shape[-2:])
+
+    def _make_member(self, m: int, stage: StageConfig) -> Member:
+        cfg = self.cfg
+        model = self._new_model(m)
+        decay, no_decay = [], []
+        for param in model.parameters():
+            (no_decay if param.ndim <= 1 else decay).append(param)  # no weight decay on BN and biases
+        optimizer = torch.optim.SGD(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
+        )  # fmt: skip
+        member_config = dataclasses.replace(self.loader_config, seed=cfg.seed * 1000 + m)  # its own augmentation
+        loader = GutoutLoader(self.train_set, member_config, stage, cache=self.cache, member=m)
+        steps = len(loader) * cfg.epochs
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_lambda(steps, len(loader)))
+        scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
+        return Member(m, model, optimizer, scheduler, scaler, loader)
+
+    def _lr_lambda(self, total_steps: int, steps_per_epoch: int):
+        cfg = self.cfg
+        warmup = max(1, round(0.02 * total_steps))  # a short linear warm-up steadies the first steps
+        milestones = cfg.milestones or (round(0.5 * cfg.epochs), round(0.75 * cfg.epochs))
+
+        def factor(step: int) -> float:
+            ramp = min(1.0, (step + 1) / warmup)
+            if cfg.schedule == "cosine":
+                return ramp * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+            epoch = step // steps_per_epoch
+            return ramp * cfg.lr_decay ** sum(epoch >= m for m in milestones)
+
+        return factor
+
+    # -- checkpoints -------------------------------------------------------------------------------------
+
+    def checkpoint_state(self, epoch: int) -> dict:
+        return {
+            "config": self.cfg.identity(),
+            "epoch": epoch,
+            "members": [
+                {"model": m.model.state_dict(), "optimizer": m.optimizer.state_dict(),
+                 "scheduler": m.scheduler.state_dict(), "scaler": m.scaler.state_dict()}  # fmt: skip
+                for m in self.members
+            ],
+            "cache": {"maps": self.cache.maps.cpu(), "valid": self.cache.valid.cpu(), "epoch": self.cache.epoch,
+                      "pending_maps": self.cache._pending_maps.cpu(), "pending_valid": self.cache._pending_valid.cpu()},
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            "history": self.history,
+        }  # fmt: skip
+
+    def save_checkpoint(self, epoch: int) -> None:
+        with atomic_writer(self.run_dir / CHECKPOINT) as f:
+            torch.save(self.checkpoint_state(epoch), f)
+        self.cache.save(self.run_dir / "cache.gsc")
+
+    def load_checkpoint(self) -> bool:
+        path = self.run_dir / CHECKPOINT
+        if not path.exists():
+            return False
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:  # noqa: BLE001 - an unreadable checkpoint is named, not silently ignored
+            raise ResumeMismatch(f"cannot read checkpoint {path}: {err}") from None
+        mine, theirs = self.cfg.identity(), state["config"]
+        diffs = [f"{k}: checkpoint has {theirs.get(k)!r}, this run has {mine.get(k)!r}"
+                 for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]  # fmt: skip
+        if diffs:
+            raise ResumeMismatch(f"{path} belongs to a different run; refusing to resume: " + "; ".join(diffs))
+        for member, saved in zip(self.members, state["members"], strict=True):
+            member.model.load_state_dict(saved["model"])
+            member.optimizer.load_state_dict(saved["optimizer"])
+            member.scheduler.load_state_dict(saved["scheduler"])
+            member.scaler.load_state_dict(saved["scaler"])
+        cache = state["cache"]
+        self.cache.maps.copy_(cache["maps"])
+        self.cache.valid.copy_(cache["valid"])
+        self.cache._pending_maps.copy_(cache["pending_maps"])
+        self.cache._pending_valid.copy_(cache["pending_valid"])
+        self.cache.epoch = cache["epoch"]
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.history = state["history"]
+        self.start_epoch = state["epoch"] + 1
+        return True
+
+    # -- one epoch ---------------------------------------------------------------------------------------
+
+    def _refresh_due(self, boundary: int) -> bool:
+        """Refresh at the boundary before epoch `boundary` (0 = before training)?"""
+        cfg = self.cfg
+        if cfg.policy in ("none", "cutout") or boundary >= cfg.epochs:
+            return False  # baselines read no maps; after the last epoch nobody would read them
+        return boundary >= cfg.warmup_epochs and (boundary - cfg.warmup_epochs) % cfg.refresh_every == 0
+
+    def refresh(self, epoch: int) -> float:
+        """Publish fresh maps for the next epoch; returns seconds spent."""
+        start = time.perf_counter()
+        if self.cfg.refresh == "pass":
+            for member in self.members:
+                with self._autocast():
+                    member.loader.refresh(member.model, self.layer, publish=False,
+                                          batch_size=self.cfg.eval_batch_size)  # fmt: skip
+        self.cache.publish(epoch)
+        return time.perf_counter() - start
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.float16) if self.amp else nullcontext()
+
+    def _harvest(self, member: Member, activations, batch) -> None:
+        """Harvest mode: this step's CAM (closed form from the forward's activations), back in the canonical
+        frame, written where the crop saw the image."""
+        cams = cam_from_activations(activations, member.model.fc.weight, batch.labels)  # (B, h', w')
+        maps, covered = warp_to_canonical(cams, batch.windows, batch.flips, self.map_size)
+        self.cache.update(member.index, batch.indices, maps, covered=covered)
+
+    def train_epoch(self, epoch: int, progress) -> dict:
+        cfg = self.cfg
+        harvest = cfg.refresh == "harvest" and cfg.policy not in ("none", "cutout")
+        for member in self.members:
+            member.loader.set_epoch(epoch)
+            member.loader.stats.reset()
+            member.model.train()
+        iterators = [member.loader.batches() for member in self.members]
+        steps = len(self.members[0].loader)
+        images_seen, wait, harvest_time = 0, 0.0, 0.0
+        start = time.perf_counter()
+        bar = progress(total=steps * len(self.members), desc=f"epoch {epoch}", unit="img", unit_scale=cfg.batch_size)
+        # Reading a loss syncs the GPU: check every step on the CPU, every 25 steps on CUDA.
+        check_every = 1 if self.device.type == "cpu" else 25
+        recent_losses: list[torch.Tensor] = []
+        for step in range(steps):
+            for member, iterator in zip(self.members, iterators, strict=True):
+                fetch = time.perf_counter()
+                batch = next(iterator)
+                wait += time.perf_counter() - fetch
+                images = batch.images.contiguous(memory_format=torch.channels_last) if self.amp else batch.images
+                capture = ActivationCapture(member.model, self.layer) if harvest else nullcontext()
+                with self._autocast(), capture:
+                    logits = member.model(images)
+                    loss = F.cross_entropy(logits.float(), batch.labels, label_smoothing=cfg.label_smoothing)
+                member.optimizer.zero_grad(set_to_none=True)
+                member.scaler.scale(loss).backward()
+                member.scaler.step(member.optimizer)
+                member.scaler.update()
+                member.scheduler.step()
+                if harvest:
+                    mark = time.perf_counter()
+                    self._harvest(member, capture.activations, batch)
+                    harvest_time += time.perf_counter() - mark
+                images_seen += len(batch.labels)
+                recent_losses.append(loss.detach())
+                bar.update(1)
+            if (step + 1) % check_every == 0 or step + 1 == steps:
+                self._check_finite(recent_losses, epoch, step)
+                bar.set_postfix(loss=f"{float(recent_losses[-1]):.3f}", refresh=False)
+                recent_losses.clear()
+        elapsed = time.perf_counter() - start
+        bar.close()
+        for iterator in iterators:
+            iterator.close()
+        record = {
+            "throughput/train_img_per_s": images_seen / elapsed,
+            "throughput/loader_wait_frac": wait / elapsed,
+            "time/train_s": elapsed,
+            "gutout/erased_frac": float(np.mean([m.loader.stats.mean for m in self.members])),
+            "gutout/erased_frac_std": float(np.mean([m.loader.stats.std for m in self.members])),
+            "lr": self.members[0].scheduler.get_last_lr()[0],
+        }
+        if harvest:
+            record["time/harvest_ms_per_step"] = 1e3 * harvest_time / (steps * len(self.members))
+        return record
+
+    def _check_finite(self, losses: list[torch.Tensor], epoch: int, last_step: int) -> None:
+        """Stop at the first non-finite loss among the steps since the last check, naming where it was."""
+        stacked = torch.stack(losses).float().cpu()  # (steps * K,) in step-major, member-minor order
+        bad = (~torch.isfinite(stacked)).nonzero()
+        if len(bad):
+            K = len(self.members)
+            first = int(bad[0])
+            step = last_step - (len(losses) // K - 1) + first // K
+            raise NonFiniteLoss(
+                f"non-finite loss ({float(stacked[first])}) for member {first % K} at epoch {epoch}, step {step}; "
+                "lower --lr or check the data"
+            )
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[dict, torch.Tensor]:
+        source = make_source(
+            self.test_set, "val", dataclasses.replace(self.loader_config, batch_size=self.cfg.eval_batch_size)
+        )
+        logits, labels = [[] for _ in self.members], []
+        for member in self.members:
+            member.model.eval()
+        for batch in source:
+            images = batch.images.contiguous(memory_format=torch.channels_last) if self.amp else batch.images
+            with self._autocast():
+                for member in self.members:
+                    logits[member.index].append(member.model(images).float().cpu())
+            labels.append(batch.labels.cpu())
+        stacked = torch.stack([torch.cat(member_logits) for member_logits in logits])  # (K, N, classes)
+        return ensemble_metrics(stacked, torch.cat(labels)), stacked
+
+    # -- figures -----------------------------------------------------------------------------------------
+
+    def sample_images(self) -> torch.Tensor | None:
+        """The sample grid: image, each member's saliency, each member's Gutout view (uint8 (H, W, 3))."""
+        n = min(self.cfg.sample_grid, len(self.train_set))
+        if n == 0:
+            return None
+        source = self.members[0].loader.view("refresh", batch_size=n)
+        batch = next(iter(source))
+        maps = self.cache.maps[:, batch.indices.to(self.cache.device)]  # (K, n, h, w)
+        views = []
+        generator = torch.Generator().manual_seed(0)
+        for member in self.members:
+            stage = member.loader.stage.with_member(member.index)
+            views.append(stage(batch.images.clone(), batch.indices, batch.windows, batch.flips, generator))
+        return sample_grid(batch.images, maps, torch.stack(views), self.mean, self.std)
+
+    def write_figures(self) -> list[Path]:
+        paths = []
+        grid = self.sample_images()
+        if grid is not None:
+            save_png(grid, self.run_dir / "samples.png")
+            paths.append(self.run_dir / "samples.png")
+        save_curves(self.history, len(self.members), self.run_dir / "curves.png")
+        if (self.run_dir / "curves.png").exists():
+            paths.append(self.run_dir / "curves.png")
+        return paths
+
+    # -- the run -----------------------------------------------------------------------------------------
+
+    def prepare_run_dir(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if (self.run_dir / CHECKPOINT).exists() and not self.cfg.resume:
+            raise ResumeMismatch(
+                f"{self.run_dir} already holds a run; pass --resume to continue it, or choose another --name/--out"
+            )
+        import yaml
+
+        atomic_write_bytes(self.run_dir / "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=True).encode())
+        atomic_write_bytes(self.run_dir / "git-revision", (git_revision() + "\n").encode())
+
+    def run(self, progress=None) -> dict:
+        cfg = self.cfg
+        progress = progress or _no_progress
+        self.prepare_run_dir()
+        if cfg.resume and self.load_checkpoint():
+            self.log(f"resuming {self.run_dir} at epoch {self.start_epoch}")
+        tracker = Tracker(self.run_dir, cfg.to_dict(), cfg.wandb, cfg.wandb_project, cfg.run_name, self.history)
+        self.history = tracker.history
+        try:
+            if self.start_epoch == 0 and self._refresh_due(0):
+                self.refresh(epoch=-1)
+            for epoch in range(self.start_epoch, cfg.epochs):
+                record = {"epoch": epoch}
+                record.update(self.train_epoch(epoch, progress))
+                record["time/refresh_s"] = self.refresh(epoch) if self._refresh_due(epoch + 1) else 0.0
+                metrics, _ = self.evaluate()
+                record.update(metrics)
+                grid = self.sample_images() if cfg.wandb != "disabled" else None
+                tracker.log(record, images={"samples": grid.numpy()} if grid is not None else None)
+                self.save_checkpoint(epoch)
+                self.log(_epoch_line(record, len(self.members)))
+            self.write_figures()
+        finally:
+            tracker.finish()
+        return self.history[-1] if self.history else {}
+
+
+def _epoch_line(record: dict, members: int) -> str:
+    accs = " ".join(f"{100 * record[f'member/{m}/val_acc']:.2f}" for m in range(members))
+    return (
+        f"epoch {record['epoch']}: members {accs} | ensemble {100 * record['ensemble/val_acc']:.2f}% "
+        f"| disagreement {100 * record['ensemble/disagreement']:.1f}% "
+        f"| erased {100 * record['gutout/erased_frac']:.1f}% "
+        f"| {record['throughput/train_img_per_s']:.0f} img/s | refresh {record['time/refresh_s']:.1f} s"
+    )
+
+
+class _no_progress:  # noqa: N801 - a drop-in for tqdm's constructor
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def update(self, n=1):
+        pass
+
+    def set_postfix(self, *args, **kwargs):
+        pass
+
+    def close(self):
+        pass
+
+
+def summary_table(record: dict, members: int) -> str:
+    """The end-of-run summary as a Markdown table."""
+    rows = [("member " + str(m), f"{100 * record[f'member/{m}/val_acc']:.2f}", f"{record[f'member/{m}/val_nll']:.3f}")
+            for m in range(members)]  # fmt: skip
+    rows.append(("ensemble", f"{100 * record['ensemble/val_acc']:.2f}", f"{record['ensemble/nll']:.3f}"))
+    lines = ["| model | test acc (%) | NLL |", "|---|---|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    lines += [
+        "",
+        f"ensemble ECE {100 * record['ensemble/ece']:.2f}% | disagreement {100 * record['ensemble/disagreement']:.2f}% "
+        f"| erased fraction {100 * record['gutout/erased_frac']:.1f}% "
+        f"| {record['throughput/train_img_per_s']:.0f} train img/s (all members) "
+        f"| loader wait {100 * record['throughput/loader_wait_frac']:.1f}%",
+    ]
+    return "\n".join(lines)
+
+
+def tqdm_progress(enabled: bool | None):
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    if not enabled:
+        return _no_progress
+    from tqdm import tqdm
+
+    return tqdm

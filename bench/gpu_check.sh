@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# GPU evidence in one command, no DALI (the GPU machine cannot have it):
-#   - the CuPy-vs-torch cut equality tests and the Grad-CAM tests on CUDA,
-#   - the cut-stage benchmark (fused kernel vs torch reference vs a plain normalise pass),
-#   - the Grad-CAM benchmark (ours vs plain forward vs pytorch-grad-cam).
-# Results go to $OUT (or runs/gpu-check). `--dry-run` runs the same steps on the CPU at tiny sizes.
+# GPU evidence in one command, no DALI (the GPU machine cannot have it), under 8 minutes on an H100/H200:
+#   1. the CuPy-vs-torch cut equality tests and the Grad-CAM tests on CUDA; the cut-stage benchmark (fused
+#      kernel vs torch reference vs a plain normalise pass) and the Grad-CAM benchmark;
+#   2. ResNet-50 AMP training-step images/s at batch 256: no stage, Cutout, Gutout;
+#   3. the Fashion-MNIST comparison (gutout compare) on the full training set with the tensor backend.
+# Results go to $OUT (or runs/gpu-check): at most 8 files. Fashion-MNIST is read from .data/fashion-mnist
+# when present (carry the Debian files there), else from the usual places.
+# `--dry-run` runs the same steps on the CPU at tiny sizes, on a generated stand-in for Fashion-MNIST.
 #
 #   bash bench/gpu_check.sh            # on a CUDA machine
 #   bash bench/gpu_check.sh --dry-run  # anywhere
@@ -12,17 +15,26 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu-check}
 mkdir -p "$OUT"
 DRY=0
+ONLY=${ONLY:-all}  # ONLY=tests runs the tests alone
 [ "${1:-}" = "--dry-run" ] && DRY=1
 PY=${PYTHON:-python3}
-[ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=.venv/bin/python
 
-# The installed layout (gutout, gutout.pipelines, gutout.train) without installing anything.
+# The installed layout (gutout, gutout.pipelines, gutout.train) without installing anything: a staging
+# folder with the package, the tests and the benchmarks, run from there (so the repository's own gutout/
+# folder, which lacks the two sub-packages, is never on the path).
+OUT=$(cd "$OUT" && pwd)
 STAGE=$(mktemp -d)
 mkdir -p "$STAGE/gutout"
 cp -r gutout/. "$STAGE/gutout/"
 cp -r pipelines "$STAGE/gutout/pipelines"
 cp -r train "$STAGE/gutout/train"
-export PYTHONPATH="$STAGE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+cp -r tests bench pyproject.toml "$STAGE/"
+[ -d .whl ] && cp -r .whl "$STAGE/"
+DATA_ARGS=()
+[ -d .data/fashion-mnist ] && DATA_ARGS=(--data "$PWD/.data/fashion-mnist")
+[ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=$PWD/.venv/bin/python
+cd "$STAGE"
+export PYTHONPATH="$STAGE${PYTHONPATH:+:$PYTHONPATH}"
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1 && ! $PY -c "import pytorch_grad_cam" 2>/dev/null; then
   $PY -m pip install -q --no-index --no-deps --no-compile --target "$STAGE/site" .whl/*.whl \
     && export PYTHONPATH="$PYTHONPATH:$STAGE/site"
@@ -46,15 +58,31 @@ torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
 } | tee "$OUT/env.txt"
 
+compare_results() {  # keep only the table and the figure of a comparison under $OUT
+  cp "$1/results.md" "$OUT/compare-results.md" 2>/dev/null
+  cp "$1/results.png" "$OUT/compare-results.png" 2>/dev/null
+}
+
 if [ $DRY = 1 ]; then
   step tests $PY -m pytest -q -x tests/test_kernels.py tests/test_cut.py
   step stage-bench $PY bench/stage.py --device cpu --batches 4 --size 32 --repeats 1
   step gradcam-bench $PY bench/gradcam.py --device cpu --models resnet18 --batch 2 --size 64 --repeats 1
+  step train-step $PY bench/train_step.py --device cpu --model resnet18 --batch 4 --size 64 --steps 1 --blocks 1
+  $PY -c "from pathlib import Path; from tests.conftest import fake_fashion_mnist; fake_fashion_mnist(Path('fake'))"
+  step compare $PY -m gutout.train.cli compare fashion-mnist --data fake --runs none,gutout-threshold --seeds 1 \
+    --epochs 1 --subset 64 --batch-size 32 --device cpu --backend tensor --out compare --no-progress
+  compare_results compare
 else
   step tests $PY -m pytest -q -rs tests/test_kernels.py tests/test_gradcam.py tests/test_cut.py
+  [ "$ONLY" = tests ] && exit $status
   step stage-bench sh -c "$PY bench/stage.py --device cuda --repeats 50 && \
     $PY bench/stage.py --device cuda --repeats 50 --dtype float16"
   step gradcam-bench $PY bench/gradcam.py --device cuda --repeats 20
+  step train-step $PY bench/train_step.py --device cuda
+  # Single models (K = 1), 6 configurations x 3 seeds, seed-major so a spent budget still covers each.
+  step compare $PY -m gutout.train.cli compare fashion-mnist "${DATA_ARGS[@]}" --seeds 3 --epochs 4 \
+    --device cuda --backend tensor --out compare --no-progress --time-budget 240
+  compare_results compare
 fi
 echo "gpu_check: $([ $status = 0 ] && echo passed || echo FAILED); results in $OUT"
 exit $status

@@ -23,7 +23,7 @@ import torch
 from .config import ConfigError, check_choice, check_range, from_mapping
 from .warp import warp_to_crop
 
-POLICIES = ("threshold", "area", "box", "cutout", "none")
+POLICIES = ("threshold", "area", "box", "cutout", "erasing", "none")
 KERNELS = ("auto", "torch", "cupy")
 
 # Per-sample rules in a plan; the CuPy kernel uses the same numbers.
@@ -40,6 +40,8 @@ class CutConfig:
     gamma: float = 1.0
     p: float = 1.0  # probability that a sample is cut at all
     fill: float | str = 0.0  # 0 after normalisation is the dataset mean; "noise" = uniform, unit variance
+    erase_scale: tuple[float, float] = (0.02, 0.33)  # `erasing`: torchvision RandomErasing's area range...
+    erase_ratio: tuple[float, float] = (0.3, 3.3)  # ...and aspect-ratio range
     cold_start: str = "cutout"  # samples without a valid map: Cutout of the policy's area, or "none"
     kernel: str = "auto"  # "auto": the fused CuPy kernel for CUDA tensors when CuPy imports, else torch
 
@@ -57,6 +59,10 @@ class CutConfig:
         elif not isinstance(self.fill, (int, float)) or not math.isfinite(self.fill):
             raise ConfigError(f"{name}.fill={self.fill!r} must be a finite number or 'noise'")
         check_choice(name, "cold_start", self.cold_start, ("cutout", "none"))
+        if not 0 < self.erase_scale[0] <= self.erase_scale[1] <= 1:
+            raise ConfigError(f"{name}.erase_scale={self.erase_scale!r} must satisfy 0 < lo <= hi <= 1")
+        if not 0 < self.erase_ratio[0] <= self.erase_ratio[1]:
+            raise ConfigError(f"{name}.erase_ratio={self.erase_ratio!r} must satisfy 0 < lo <= hi")
         check_choice(name, "kernel", self.kernel, KERNELS)
 
     @property
@@ -84,6 +90,31 @@ def _random_boxes(n: int, hw: tuple[int, int], side: float, generator: torch.Gen
     cy = torch.randint(0, H, (n,), generator=generator)
     cx = torch.randint(0, W, (n,), generator=generator)
     return _boxes_at(cy, cx, hw, side)
+
+
+def _erasing_boxes(n: int, hw: tuple[int, int], config: CutConfig, generator: torch.Generator | None):
+    """torchvision's RandomErasing boxes: area and log-aspect uniform, up to 10 tries, inside the image.
+
+    Vectorised over samples: each of the 10 tries is drawn for every sample at once, and a sample keeps its
+    first try that fits; a sample with none is not erased (an empty box), as RandomErasing returns it intact.
+    """
+    H, W = hw
+    tries = 10
+    area = H * W * torch.empty(n, tries).uniform_(*config.erase_scale, generator=generator)
+    log_ratio = torch.empty(n, tries).uniform_(math.log(config.erase_ratio[0]), math.log(config.erase_ratio[1]),
+                                                generator=generator)  # fmt: skip
+    ratio = log_ratio.exp()
+    h = (area * ratio).sqrt().round().long()  # (n, tries)
+    w = (area / ratio).sqrt().round().long()
+    fits = (h < H) & (w < W)
+    first = torch.where(fits.any(1), fits.float().argmax(1), -1)  # (n,) index of the first try that fits
+    pick = first.clamp_min(0)[:, None]
+    h, w = h.gather(1, pick)[:, 0], w.gather(1, pick)[:, 0]
+    r0 = (torch.rand(n, generator=generator) * (H - h + 1)).floor().long()
+    c0 = (torch.rand(n, generator=generator) * (W - w + 1)).floor().long()
+    boxes = torch.stack([r0, c0, r0 + h, c0 + w], dim=1)
+    boxes[first < 0] = 0
+    return boxes.to(torch.int32)
 
 
 def _boxes_at(cy: torch.Tensor, cx: torch.Tensor, hw: tuple[int, int], side: float) -> torch.Tensor:
@@ -119,6 +150,9 @@ def plan_cuts(
     if config.policy == "cutout":
         mode[cut] = MODE_BOX
         box[cut] = _random_boxes(int(cut.sum()), image_hw, config.size, generator)
+    elif config.policy == "erasing":
+        mode[cut] = MODE_BOX
+        box[cut] = _erasing_boxes(int(cut.sum()), image_hw, config, generator)
     elif config.needs_maps:
         if maps is None:
             raise ValueError(f"policy {config.policy!r} needs saliency maps, got none")

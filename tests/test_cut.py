@@ -222,3 +222,18 @@ def test_bad_inputs_name_the_problem():
         cut(images.to(torch.uint8), maps, windows, flips)
     with pytest.raises(ValueError, match="needs CUDA"):
         cut(images, maps, windows, flips, kernel="cupy")
+
+
+def test_erasing_follows_random_erasing_semantics():
+    images = torch.ones(2000, 1, 32, 32)
+    out, erased = cut(images, policy="erasing", p=1.0, generator=torch.Generator().manual_seed(0))
+    mask = (out == 0)[:, 0]
+    hit = erased > 0
+    assert float(hit.float().mean()) > 0.95  # RandomErasing gives up only when 10 tries fail
+    # Inside the image, never clipped, within the area range (rounding allows a little slack).
+    assert float(erased[hit].min()) >= 0.015 and float(erased.max()) <= 0.36
+    rows, cols = mask.any(2), mask.any(1)
+    heights, widths = rows.sum(1)[hit].float(), cols.sum(1)[hit].float()
+    assert torch.equal((heights * widths), erased[hit] * 1024)  # a solid rectangle
+    aspect = heights / widths
+    assert float(aspect.min()) >= 0.25 and float(aspect.max()) <= 4.0

@@ -143,3 +143,21 @@ def test_sigkill_and_resume_gives_the_same_metrics(data, tmp_path):
     subprocess.run([*cmd, "--name", "killed", "--resume"], check=True, env=env, capture_output=True, timeout=600)
     resumed = read_metrics(victim)
     assert [without_timing(r) for r in resumed] == [without_timing(r) for r in straight]
+
+
+def test_compare_runs_each_configuration_once_and_writes_results(data, tmp_path):
+    args = ["compare", "fashion-mnist", "--data", str(data), "--runs", "none,cutout,gutout-area", "--seeds", "2",
+            "--epochs", "2", "--subset", "128", "--batch-size", "32", "--out", str(tmp_path),
+            "--no-progress"]  # fmt: skip
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0, first.output
+    text = (tmp_path / "results.md").read_text()
+    for run in ("none (2 seeds)", "cutout (2 seeds)", "gutout-area (2 seeds)"):
+        assert run in text
+    assert "4.39 % → 4.02 %" in text and (tmp_path / "results.png").exists()
+    cfg = json.loads((tmp_path / "fashion-mnist-gutout-area-k1-s1" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert cfg["epoch"] == 1 and cfg["gutout/erased_frac"] > 0
+    again = CliRunner().invoke(main, args)  # finished runs are not repeated
+    assert again.exit_code == 0 and again.output.count("done already") == 6
+    bad = CliRunner().invoke(main, [*args[:5], "mixup", *args[6:]])
+    assert bad.exit_code != 0 and "unknown comparison run 'mixup'" in bad.output

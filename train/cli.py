@@ -36,7 +36,7 @@ def _float_or_noise(value):
 @click.option("--ensemble", type=int, help="Members K (default 1: self-Gutout; K > 1 cuts with peers' maps).")
 @click.option("--model", type=click.Choice(MODELS), help="Default: small-resnet (<= 32 px) or resnet18.")
 @click.option("--epochs", type=int, help="Epochs (default 10).")
-@click.option("--batch-size", type=int, help="Batch size per member (default 256).")
+@click.option("--batch-size", type=int, help="Batch size per member (default 128).")
 @click.option("--lr", type=float, help="Peak learning rate (default 0.1).")
 @click.option("--momentum", type=float, help="SGD Nesterov momentum (default 0.9).")
 @click.option("--weight-decay", type=float, help="Weight decay (default 5e-4).")
@@ -49,7 +49,7 @@ def _float_or_noise(value):
 @click.option("--area", type=float, help="area: erase the top P fraction of pixels (default 0.25).")
 @click.option("--size", type=float, help="box / cutout: side as a fraction of the crop side (default 0.5).")
 @click.option("--box-center", type=click.Choice(["peak", "sample"]), help="box: centre on the peak or sample it.")
-@click.option("--p", "p", type=float, help="Probability that a sample is cut (default 1).")
+@click.option("--p", "p", type=float, help="Probability that a sample is cut (default 0.5).")
 @click.option("--fill", callback=lambda ctx, param, v: _float_or_noise(v), help="Fill value after normalisation, "
               "or 'noise' (default 0 = the dataset mean).")  # fmt: skip
 @click.option("--cold-start", type=click.Choice(["cutout", "none"]), help="Samples without maps (default cutout).")
@@ -95,6 +95,48 @@ def train(dataset, config_file, milestones, **options):
     click.echo("\n" + summary_table(final, cfg.ensemble))
     click.echo(f"\nrun directory: {cfg.run_dir} (metrics.jsonl, samples.png, curves.png, checkpoint.pt"
                f"{', wandb/' if cfg.wandb != 'disabled' else ''})")  # fmt: skip
+
+
+DEFAULT_RUNS = "none,cutout,random-erasing,gutout-threshold,gutout-area,gutout-box"
+
+
+@main.command(context_settings={"show_default": True})
+@click.argument("dataset", type=click.Choice(DATASETS))
+@click.option("--runs", default=DEFAULT_RUNS, help="Comma-separated configurations to compare.")
+@click.option("--seeds", type=int, default=3, help="Seeds per configuration (0, 1, ...).")
+@click.option("--epochs", type=int, default=4)
+@click.option("--ensemble", type=int, default=1)
+@click.option("--subset", type=int, help="Train on a fixed seeded subset of N samples.")
+@click.option("--data", type=click.Path())
+@click.option("--model", type=click.Choice(MODELS))
+@click.option("--batch-size", type=int)
+@click.option("--p", "p", type=float, help="Cut probability for every cutting policy (default: train's, 0.5).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--backend", type=click.Choice(["auto", "dali", "tensor", "torch"]))
+@click.option("--out", type=click.Path(), default="runs/compare", help="Folder of the runs and of results.md.")
+@click.option("--wandb", type=click.Choice(["offline", "online", "disabled"]), default="disabled")
+@click.option("--config", "config_file", type=click.Path(), help="YAML/TOML file of training options.")
+@click.option("--time-budget", type=float, help="Start no new run after this many seconds (results from the rest).")
+@click.option("--progress/--no-progress", default=None)
+def compare(dataset, runs, seeds, config_file, time_budget, **options):
+    """Train each configuration with each seed (finished runs are not repeated), write results.md/.png."""
+    from .compare import run_all, run_overrides, summarise, write_results
+    from .trainer import tqdm_progress
+
+    run_names = [r.strip() for r in runs.split(",") if r.strip()]
+    try:
+        for run in run_names:
+            run_overrides(run, dataset)
+        file_values = read_config_file(config_file) if config_file else {}
+        base = make_config(file_values, dataset=dataset, **options)
+        results = run_all(base, run_names, list(range(seeds)), log=click.echo, progress=tqdm_progress(base.progress),
+                          time_budget=time_budget)  # fmt: skip
+    except (ConfigError, ValueError) as err:
+        _fail(str(err))
+    command = "gutout compare " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["compare"] else "gutout compare"
+    path = write_results(summarise(results, base.ensemble), base, Path(base.out), command)
+    click.echo(path.read_text())
+    click.echo(f"wrote {path} and {path.with_suffix('.png')}")
 
 
 @main.command()

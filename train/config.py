@@ -13,7 +13,8 @@ from gutout.config import ConfigError, check_choice, check_range, from_mapping
 
 DATASETS = ("fashion-mnist", "cifar10", "cifar100", "imagenet", "folder")
 MODELS = ("small-resnet", "resnet18-cifar", "resnet18", "resnet34", "resnet50")
-POLICIES = ("threshold", "area", "box", "cutout", "none")
+POLICIES = ("threshold", "area", "box", "cutout", "erasing", "none")
+SALIENCY_POLICIES = ("threshold", "area", "box")  # the policies that read maps from the cache
 
 # The Cutout paper's CIFAR recipe (DeVries & Taylor 2017): SGD + Nesterov, lr 0.1, wd 5e-4, batch 128,
 # 200 epochs, lr x 0.2 at epochs 60, 120, 160; a 16 px square on 32 px images.
@@ -31,7 +32,9 @@ class TrainConfig:
     ensemble: int = 1  # K members; K = 1 is self-Gutout, K > 1 cuts each member with its peers' saliency
     model: str | None = None  # None: small-resnet for <= 32 px datasets, resnet18 for ImageNet-sized ones
     epochs: int = 10
-    batch_size: int = 256
+    # 128 rather than 256: twice the steps per epoch; the small ResNet on full Fashion-MNIST, 4 epochs, no cut:
+    # 89.6 % test accuracy at 256, 90.2 % at 128.
+    batch_size: int = 128
     lr: float = 0.1  # peak learning rate for batch_size (linearly warmed up over the first 2% of steps)
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -45,7 +48,9 @@ class TrainConfig:
     area: float = 0.25
     size: float = 0.5  # box / Cutout side, fraction of the crop side (Cutout paper: 16/32)
     box_center: str = "peak"
-    p: float = 1.0
+    # Cut half the samples: erasing the most salient region of every image hid the object too often
+    # (Fashion-MNIST, 20k samples, 2 epochs, self-Gutout at t = 0.5: 50.4 % test accuracy at p = 1, 73.7 % at 0.5).
+    p: float = 0.5
     fill: float | str = 0.0
     cold_start: str = "cutout"
     peers: str | None = None  # None: "self" for K = 1, "others" for K > 1

@@ -30,7 +30,7 @@ from gutout.pipelines import ArrayDataset, GutoutLoader, LoaderConfig, make_sour
 from gutout.pipelines.datasets import load_cifar, load_fashion_mnist, load_folder
 from gutout.pipelines.normalise import resolve_stats
 
-from .config import TrainConfig
+from .config import SALIENCY_POLICIES, TrainConfig
 from .figures import sample_grid, save_curves, save_png
 from .metrics import ensemble_metrics
 from .models import build_model
@@ -252,7 +252,7 @@ class Trainer:
     def _refresh_due(self, boundary: int) -> bool:
         """Refresh at the boundary before epoch `boundary` (0 = before training)?"""
         cfg = self.cfg
-        if cfg.policy in ("none", "cutout") or boundary >= cfg.epochs:
+        if cfg.policy not in SALIENCY_POLICIES or boundary >= cfg.epochs:
             return False  # baselines read no maps; after the last epoch nobody would read them
         return boundary >= cfg.warmup_epochs and (boundary - cfg.warmup_epochs) % cfg.refresh_every == 0
 
@@ -279,7 +279,7 @@ class Trainer:
 
     def train_epoch(self, epoch: int, progress) -> dict:
         cfg = self.cfg
-        harvest = cfg.refresh == "harvest" and cfg.policy not in ("none", "cutout")
+        harvest = cfg.refresh == "harvest" and cfg.policy in SALIENCY_POLICIES
         for member in self.members:
             member.loader.set_epoch(epoch)
             member.loader.stats.reset()

@@ -1,0 +1,22 @@
+"""The GPU evidence script must work end to end; here as its CPU dry run (tiny sizes, a fake dataset)."""
+
+import os
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_check_dry_run(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path))
+    result = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), "--dry-run"], env=env,
+                            capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "gpu_check: passed" in result.stdout
+    produced = sorted(p.name for p in tmp_path.iterdir())
+    assert len(produced) <= 8, produced  # the device tool brings back at most 8 files
+    for name in ("env.txt", "tests.txt", "stage-bench.txt", "gradcam-bench.txt", "train-step.txt",
+                 "compare.txt", "compare-results.md", "compare-results.png"):  # fmt: skip
+        assert name in produced, produced
+    assert "| gutout |" in (tmp_path / "train-step.txt").read_text()
+    assert "| gutout-threshold (1 seeds) |" in (tmp_path / "compare-results.md").read_text()

@@ -17,14 +17,17 @@ def sync(device: torch.device) -> None:
 def time_side_by_side(
     candidates: dict[str, Callable[[], object]], device: torch.device, repeats: int, warmup: int = 1
 ) -> dict[str, float]:
-    """Median wall time (ms) of each candidate over `repeats` rounds, candidates interleaved per round."""
+    """Median wall time (ms) of each candidate over `repeats` rounds, candidates interleaved per round and the
+    order rotated each round, so that no candidate always runs right after the same neighbour."""
     for fn in candidates.values():
         for _ in range(warmup):
             fn()
     sync(device)
     samples: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(repeats):
-        for name, fn in candidates.items():
+    names = list(candidates)
+    for round_ in range(repeats):
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+            fn = candidates[name]
             sync(device)
             start = time.perf_counter()
             fn()

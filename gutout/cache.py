@@ -57,6 +57,7 @@ class SaliencyCache:
         self.valid = torch.zeros(members, samples, dtype=torch.bool, device=device)
         self._pending_maps = torch.zeros_like(self.maps)  # writers
         self._pending_valid = torch.zeros_like(self.valid)
+        self._dirty = torch.zeros_like(self.valid)  # written here since the last publish (multi-process sync)
 
     @property
     def device(self) -> torch.device:
@@ -103,11 +104,25 @@ class SaliencyCache:
             maps = torch.where(covered.to(self.device), maps, previous)
         self._pending_maps[member, indices] = maps
         self._pending_valid[member, indices] = True
+        self._dirty[member, indices] = True
+
+    def dirty_entries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(members (n,), indices (n,), pending maps (n, h, w)) written by this process since the last publish:
+        what a multi-process run all-gathers before publishing."""
+        members, indices = self._dirty.nonzero(as_tuple=True)
+        return members, indices, self._pending_maps[members, indices]
+
+    def write_entries(self, members: torch.Tensor, indices: torch.Tensor, maps: torch.Tensor) -> None:
+        """Write entries that another process computed (whole maps, already merged there) into the pending buffer."""
+        members, indices = members.to(self.device).long(), indices.to(self.device).long()
+        self._pending_maps[members, indices] = maps.to(device=self.device, dtype=torch.float16)
+        self._pending_valid[members, indices] = True
 
     def publish(self, epoch: int | None = None) -> None:
         """Make everything written so far visible to readers, at once."""
         self.maps.copy_(self._pending_maps)
         self.valid.copy_(self._pending_valid)
+        self._dirty.zero_()
         self.epoch = self.epoch + 1 if epoch is None else int(epoch)
 
     # -- reading -----------------------------------------------------------------------------------

@@ -244,14 +244,19 @@ def apply_plan_torch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference implementation: erase in place; returns (images, erased fraction (B,) float32)."""
     mask = erase_mask(plan, maps, windows, flips, tuple(images.shape[-2:]))  # (B, H, W)
-    mask_bchw = mask[:, None].expand_as(images)
+    pixels = mask.shape[1] * mask.shape[2]
     if fill == "noise":
+        mask_bchw = mask[:, None].expand_as(images)
         flat_index = mask_bchw.reshape(-1).nonzero().squeeze(1)  # NCHW linear index of erased pixels
         images[mask_bchw] = hash_noise(flat_index, plan.noise_seed).to(images.dtype)
-    else:
-        images.masked_fill_(mask_bchw, float(fill))
-    erased = mask.flatten(1).sum(1, dtype=torch.int32)  # counting bools beats a float copy of the mask
-    return images, erased.float() / (images.shape[-2] * images.shape[-1])
+        return images, mask.view(torch.uint8).flatten(1).sum(1).float() / pixels
+    # A multiply by a 0/1 mask is exact (x * 1 == x) and several times faster on a CPU than masked_fill_ with a
+    # mask broadcast over channels; bool -> uint8 (a view) -> float converts ~6x faster than bool -> float.
+    keep = (~mask).view(torch.uint8)[:, None].to(images.dtype)  # (B, 1, H, W)
+    images.mul_(keep)
+    if float(fill) != 0.0:
+        images.add_((1 - keep) * float(fill))
+    return images, 1.0 - keep.flatten(1).float().sum(1) / pixels
 
 
 def _check_inputs(images, maps, windows, flips, config: CutConfig) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -73,7 +74,9 @@ def _float_or_noise(value):
 @click.option("--resume", is_flag=True, default=None, help="Continue from the run directory's last checkpoint.")
 @click.option("--progress/--no-progress", default=None, help="Progress bars (default: when on a terminal).")
 @click.option("--config", "config_file", type=click.Path(), help="YAML/TOML file of options (CLI options win).")
-def train(dataset, config_file, milestones, **options):
+@click.option("--nproc", type=int, default=1, help="Local processes, launched by torch's elastic launcher (torchrun).")
+@click.option("--max-restarts", type=int, default=0, help="With --nproc: restarts after a failed process.")
+def train(dataset, config_file, milestones, nproc, max_restarts, **options):
     """Train a Gutout ensemble on DATASET (fashion-mnist, cifar10, cifar100, imagenet, folder)."""
     from .trainer import NonFiniteLoss, ResumeMismatch, Trainer, summary_table, tqdm_progress
 
@@ -85,16 +88,43 @@ def train(dataset, config_file, milestones, **options):
     try:
         file_values = read_config_file(config_file) if config_file else {}
         cfg = make_config(file_values, dataset=dataset, **options)
+        if nproc > 1 and "WORLD_SIZE" not in os.environ:
+            return launch(cfg, nproc, max_restarts)
         trainer = Trainer(cfg, log=click.echo)
-        click.echo(f"run {cfg.run_dir}: {cfg.ensemble} x {cfg.model_name} on {cfg.dataset} ({len(trainer.train_set)} "
+        trainer.log(f"run {cfg.run_dir}: {cfg.ensemble} x {cfg.model_name} on {cfg.dataset} ({len(trainer.train_set)} "
                    f"train / {len(trainer.test_set)} test), {trainer.backend} backend on {trainer.device}, "
                    f"policy {cfg.policy}, peers {cfg.peer_rule}, refresh {cfg.refresh}")  # fmt: skip
         final = trainer.run(progress=tqdm_progress(cfg.progress))
+        trainer.runtime.close()
     except (ConfigError, ResumeMismatch, NonFiniteLoss, ValueError) as err:
         _fail(str(err))
+    if not trainer.runtime.is_main:
+        return
     click.echo("\n" + summary_table(final, cfg.ensemble))
     click.echo(f"\nrun directory: {cfg.run_dir} (metrics.jsonl, samples.png, curves.png, checkpoint.pt"
                f"{', wandb/' if cfg.wandb != 'disabled' else ''})")  # fmt: skip
+
+
+def launch(cfg, nproc: int, max_restarts: int) -> None:
+    """Run `gutout train` in `nproc` local processes through torch's elastic launcher, as
+    `torchrun --standalone --nproc-per-node N --max-restarts R -m gutout.train.cli train ...` would."""
+    import tempfile
+
+    import yaml
+    from torch.distributed.run import main as torchrun
+
+    values = cfg.to_dict()
+    values["milestones"] = list(values["milestones"])
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="gutout-launch-", delete=False) as f:
+        yaml.safe_dump(values, f)
+    click.echo(f"launching {nproc} processes (torch.distributed.run, max restarts {max_restarts})")
+    try:
+        torchrun(["--standalone", "--nproc-per-node", str(nproc), "--max-restarts", str(max_restarts),
+                  "-m", "gutout.train.cli", "train", cfg.dataset, "--config", f.name])  # fmt: skip
+    except Exception as err:  # noqa: BLE001 - the launcher's ChildFailedError, with the failing rank's report
+        _fail(f"distributed run failed: {err}")
+    finally:
+        os.unlink(f.name)
 
 
 DEFAULT_RUNS = "none,cutout,random-erasing,gutout-threshold,gutout-area,gutout-box"

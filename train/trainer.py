@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gutout import ActivationCapture, SaliencyCache, StageConfig, cam_from_activations, warp_to_canonical
+from gutout import ActivationCapture, GutoutStage, SaliencyCache, StageConfig, cam_from_activations, warp_to_canonical
 from gutout.atomic import atomic_write_bytes, atomic_writer
 from gutout.config import ConfigError
 from gutout.gradcam import default_layer, preserved_modes
@@ -31,6 +31,7 @@ from gutout.pipelines.datasets import load_cifar, load_fashion_mnist, load_folde
 from gutout.pipelines.normalise import resolve_stats
 
 from .config import SALIENCY_POLICIES, TrainConfig
+from .distributed import Runtime, plan_layout
 from .figures import sample_grid, save_curves, save_png
 from .metrics import ensemble_metrics
 from .models import build_model
@@ -50,7 +51,8 @@ class ResumeMismatch(RuntimeError):
 @dataclass
 class Member:
     index: int
-    model: torch.nn.Module
+    model: torch.nn.Module  # what trains: the network, or its DistributedDataParallel wrapper
+    net: torch.nn.Module  # the network itself (Grad-CAM hooks and checkpoints use it)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler  # AMP loss scale, per member: one member's overflow must not skip another's step
@@ -92,12 +94,15 @@ def resolve_backend(cfg: TrainConfig, dataset) -> str:
     return "dali"
 
 
-def resolve_device(cfg: TrainConfig) -> torch.device:
+def resolve_device(cfg: TrainConfig, local_rank: int = 0) -> torch.device:
+    """The device of this process: its local GPU (one per rank) or the CPU."""
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda but CUDA is not available here; use --device cpu")
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
 
 
 def git_revision() -> str:
@@ -113,9 +118,16 @@ def git_revision() -> str:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, log=print):
-        self.cfg, self.log = cfg, log
-        self.device = resolve_device(cfg)
+    def __init__(self, cfg: TrainConfig, log=print, runtime: Runtime | None = None):
+        self.runtime = runtime or Runtime()
+        if self.runtime.restarted and not cfg.resume:  # torchrun restarted the workers: continue the run
+            cfg = dataclasses.replace(cfg, resume=True)
+        self.cfg = cfg
+        self.log = log if self.runtime.is_main else (lambda *args, **kwargs: None)
+        self.device = resolve_device(cfg, self.runtime.local_rank)
+        self.runtime.start(self.device)
+        self.layout = plan_layout(cfg.ensemble, self.runtime.world, self.runtime.rank)
+        self.runtime.member_groups(self.layout, cfg.ensemble)
         self.amp = cfg.amp and self.device.type == "cuda"
         self.run_dir = cfg.run_dir
         self.train_set, self.test_set = load_datasets(cfg)
@@ -126,6 +138,7 @@ class Trainer:
         self.loader_config = LoaderConfig(
             batch_size=cfg.batch_size, image_size=image_size, mean=self.mean, std=self.std, seed=cfg.seed,
             device=str(self.device), backend=self.backend, num_threads=cfg.num_threads, half=self.amp,
+            shard_id=self.layout.shard_id, num_shards=self.layout.group_size,  # the member group's shard
         )  # fmt: skip
         self.members: list[Member] = []
         self.layer, self.map_size = self._probe_layer()
@@ -133,9 +146,9 @@ class Trainer:
             cfg.ensemble, len(self.train_set), self.map_size, device=self.device,
             fingerprint=self.train_set.fingerprint, layer=self.layer, target=cfg.target,
         )  # fmt: skip
-        stage = StageConfig.from_flat(cfg.stage_options())
-        for m in range(cfg.ensemble):
-            self.members.append(self._make_member(m, stage))
+        self.stage_config = StageConfig.from_flat(cfg.stage_options())
+        for m in self.layout.members:
+            self.members.append(self._make_member(m, self.stage_config))
         self.history: list[dict] = []
         self.start_epoch = 0
 
@@ -174,7 +187,13 @@ class Trainer:
         steps = len(loader) * cfg.epochs
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_lambda(steps, len(loader)))
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
-        return Member(m, model, optimizer, scheduler, scaler, loader)
+        wrapped = model
+        if self.layout.group_size > 1:  # this member trains on several ranks: average its gradients
+            wrapped = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                process_group=self.runtime.groups[m],
+            )  # fmt: skip
+        return Member(m, wrapped, model, optimizer, scheduler, scaler, loader)
 
     def _lr_lambda(self, total_steps: int, steps_per_epoch: int):
         cfg = self.cfg
@@ -192,15 +211,11 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------------------
 
-    def checkpoint_state(self, epoch: int) -> dict:
+    def common_state(self, epoch: int) -> dict:
+        """What every rank shares: written last, by rank 0, it marks the checkpoint of `epoch` complete."""
         return {
             "config": self.cfg.identity(),
             "epoch": epoch,
-            "members": [
-                {"model": m.model.state_dict(), "optimizer": m.optimizer.state_dict(),
-                 "scheduler": m.scheduler.state_dict(), "scaler": m.scaler.state_dict()}  # fmt: skip
-                for m in self.members
-            ],
             "cache": {"maps": self.cache.maps.cpu(), "valid": self.cache.valid.cpu(), "epoch": self.cache.epoch,
                       "pending_maps": self.cache._pending_maps.cpu(), "pending_valid": self.cache._pending_valid.cpu()},
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
@@ -208,10 +223,27 @@ class Trainer:
             "history": self.history,
         }  # fmt: skip
 
+    def member_path(self, member: int, epoch: int) -> Path:
+        return self.run_dir / f"member-{member}.epoch-{epoch}.pt"
+
     def save_checkpoint(self, epoch: int) -> None:
-        with atomic_writer(self.run_dir / CHECKPOINT) as f:
-            torch.save(self.checkpoint_state(epoch), f)
-        self.cache.save(self.run_dir / "cache.gsc")
+        """Member files first (by each member group's first rank), then the common file (rank 0), atomically
+        each: a run killed at any moment resumes from the last epoch whose common file was written."""
+        if self.layout.group_leader:
+            for m in self.members:
+                state = {"model": m.net.state_dict(), "optimizer": m.optimizer.state_dict(), "epoch": epoch,
+                         "scheduler": m.scheduler.state_dict(), "scaler": m.scaler.state_dict()}  # fmt: skip
+                with atomic_writer(self.member_path(m.index, epoch)) as f:
+                    torch.save(state, f)
+        self.runtime.barrier()
+        if self.runtime.is_main:
+            with atomic_writer(self.run_dir / CHECKPOINT) as f:
+                torch.save(self.common_state(epoch), f)
+            self.cache.save(self.run_dir / "cache.gsc")
+            for old in self.run_dir.glob("member-*.epoch-*.pt"):  # earlier epochs are superseded now
+                if int(old.name.split(".epoch-")[1].split(".")[0]) < epoch:
+                    old.unlink(missing_ok=True)
+        self.runtime.barrier()
 
     def load_checkpoint(self) -> bool:
         path = self.run_dir / CHECKPOINT
@@ -226,8 +258,13 @@ class Trainer:
                  for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]  # fmt: skip
         if diffs:
             raise ResumeMismatch(f"{path} belongs to a different run; refusing to resume: " + "; ".join(diffs))
-        for member, saved in zip(self.members, state["members"], strict=True):
-            member.model.load_state_dict(saved["model"])
+        epoch = state["epoch"]
+        for member in self.members:
+            member_file = self.member_path(member.index, epoch)
+            if not member_file.exists():
+                raise ResumeMismatch(f"checkpoint of epoch {epoch} is incomplete: {member_file} is missing")
+            saved = torch.load(member_file, map_location="cpu", weights_only=False)
+            member.net.load_state_dict(saved["model"])
             member.optimizer.load_state_dict(saved["optimizer"])
             member.scheduler.load_state_dict(saved["scheduler"])
             member.scaler.load_state_dict(saved["scaler"])
@@ -244,7 +281,7 @@ class Trainer:
         if rng["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.history = state["history"]
-        self.start_epoch = state["epoch"] + 1
+        self.start_epoch = epoch + 1
         return True
 
     # -- one epoch ---------------------------------------------------------------------------------------
@@ -256,16 +293,18 @@ class Trainer:
             return False  # baselines read no maps; after the last epoch nobody would read them
         return boundary >= cfg.warmup_epochs and (boundary - cfg.warmup_epochs) % cfg.refresh_every == 0
 
-    def refresh(self, epoch: int) -> float:
-        """Publish fresh maps for the next epoch; returns seconds spent."""
+    def refresh(self, epoch: int) -> tuple[float, int]:
+        """Publish fresh maps for the next epoch: this rank's members on this rank's shard, then the entries
+        of every rank all-gathered. Returns (seconds spent, bytes this rank received)."""
         start = time.perf_counter()
         if self.cfg.refresh == "pass":
             for member in self.members:
                 with self._autocast():
-                    member.loader.refresh(member.model, self.layer, publish=False,
+                    member.loader.refresh(member.net, self.layer, publish=False,
                                           batch_size=self.cfg.eval_batch_size)  # fmt: skip
+        received = self.runtime.sync_cache(self.cache)
         self.cache.publish(epoch)
-        return time.perf_counter() - start
+        return time.perf_counter() - start, received
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.float16) if self.amp else nullcontext()
@@ -273,7 +312,7 @@ class Trainer:
     def _harvest(self, member: Member, activations, batch) -> None:
         """Harvest mode: this step's CAM (closed form from the forward's activations), back in the canonical
         frame, written where the crop saw the image."""
-        cams = cam_from_activations(activations, member.model.fc.weight, batch.labels)  # (B, h', w')
+        cams = cam_from_activations(activations, member.net.fc.weight, batch.labels)  # (B, h', w')
         maps, covered = warp_to_canonical(cams, batch.windows, batch.flips, self.map_size)
         self.cache.update(member.index, batch.indices, maps, covered=covered)
 
@@ -285,7 +324,8 @@ class Trainer:
             member.loader.stats.reset()
             member.model.train()
         iterators = [member.loader.batches() for member in self.members]
-        steps = len(self.members[0].loader)
+        # Shards may differ by a sample, hence by a batch: every rank stops at the shortest (DDP needs lockstep).
+        steps = self.runtime.all_min(len(self.members[0].loader), self.device)
         images_seen, wait, harvest_time = 0, 0.0, 0.0
         start = time.perf_counter()
         bar = progress(total=steps * len(self.members), desc=f"epoch {epoch}", unit="img", unit_scale=cfg.batch_size)
@@ -298,7 +338,7 @@ class Trainer:
                 batch = next(iterator)
                 wait += time.perf_counter() - fetch
                 images = batch.images.contiguous(memory_format=torch.channels_last) if self.amp else batch.images
-                capture = ActivationCapture(member.model, self.layer) if harvest else nullcontext()
+                capture = ActivationCapture(member.net, self.layer) if harvest else nullcontext()
                 with self._autocast(), capture:
                     logits = member.model(images)
                     loss = F.cross_entropy(logits.float(), batch.labels, label_smoothing=cfg.label_smoothing)
@@ -322,12 +362,18 @@ class Trainer:
         bar.close()
         for iterator in iterators:
             iterator.close()
+        stats = [m.loader.stats for m in self.members]
+        images_all, wait_all, erased_sum, erased_sq, erased_n = self.runtime.all_sum([
+            images_seen, wait, sum(s.mean * s.samples for s in stats),
+            sum((s.std**2 + s.mean**2) * s.samples for s in stats), sum(s.samples for s in stats),
+        ], self.device)  # fmt: skip
+        erased_mean = erased_sum / max(erased_n, 1)
         record = {
-            "throughput/train_img_per_s": images_seen / elapsed,
-            "throughput/loader_wait_frac": wait / elapsed,
+            "throughput/train_img_per_s": images_all / elapsed,  # every member on every rank
+            "throughput/loader_wait_frac": wait_all / self.runtime.world / elapsed,
             "time/train_s": elapsed,
-            "gutout/erased_frac": float(np.mean([m.loader.stats.mean for m in self.members])),
-            "gutout/erased_frac_std": float(np.mean([m.loader.stats.std for m in self.members])),
+            "gutout/erased_frac": erased_mean,
+            "gutout/erased_frac_std": max(erased_sq / max(erased_n, 1) - erased_mean**2, 0.0) ** 0.5,
             "lr": self.members[0].scheduler.get_last_lr()[0],
         }
         if harvest:
@@ -349,20 +395,25 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> tuple[dict, torch.Tensor]:
-        source = make_source(
-            self.test_set, "val", dataclasses.replace(self.loader_config, batch_size=self.cfg.eval_batch_size)
-        )
-        logits, labels = [[] for _ in self.members], []
+        """Every member on the whole test set: each rank scores its members on its group's shard, and the
+        logits of all ranks are gathered, so ensemble metrics see every member on the same samples."""
+        config = dataclasses.replace(self.loader_config, batch_size=self.cfg.eval_batch_size)
+        source = make_source(self.test_set, "val", config)
+        rows = []  # (member, sample index, logits...) per sample and local member
         for member in self.members:
-            member.model.eval()
+            member.net.eval()
+        labels = self.test_set.labels
         for batch in source:
             images = batch.images.contiguous(memory_format=torch.channels_last) if self.amp else batch.images
             with self._autocast():
                 for member in self.members:
-                    logits[member.index].append(member.model(images).float().cpu())
-            labels.append(batch.labels.cpu())
-        stacked = torch.stack([torch.cat(member_logits) for member_logits in logits])  # (K, N, classes)
-        return ensemble_metrics(stacked, torch.cat(labels)), stacked
+                    logits = member.net(images).float()  # (B, classes)
+                    ids = torch.stack([torch.full_like(batch.indices, member.index), batch.indices], 1).float()
+                    rows.append(torch.cat([ids, logits], 1))
+        gathered = self.runtime.all_gather_rows(torch.cat(rows)).cpu()  # (K * N, 2 + classes)
+        stacked = torch.zeros(self.cfg.ensemble, len(self.test_set), self.num_classes)
+        stacked[gathered[:, 0].long(), gathered[:, 1].long()] = gathered[:, 2:]
+        return ensemble_metrics(stacked, labels), stacked
 
     # -- figures -----------------------------------------------------------------------------------------
 
@@ -371,13 +422,13 @@ class Trainer:
         n = min(self.cfg.sample_grid, len(self.train_set))
         if n == 0:
             return None
-        source = self.members[0].loader.view("refresh", batch_size=n)
-        batch = next(iter(source))
+        config = dataclasses.replace(self.loader_config, batch_size=n, shard_id=0, num_shards=1)
+        batch = next(iter(make_source(self.train_set, "refresh", config)))
         maps = self.cache.maps[:, batch.indices.to(self.cache.device)]  # (K, n, h, w)
         views = []
         generator = torch.Generator().manual_seed(0)
-        for member in self.members:
-            stage = member.loader.stage.with_member(member.index)
+        for m in range(self.cfg.ensemble):
+            stage = GutoutStage(self.stage_config, self.cache, m)
             views.append(stage(batch.images.clone(), batch.indices, batch.windows, batch.flips, generator))
         return sample_grid(batch.images, maps, torch.stack(views), self.mean, self.std)
 
@@ -387,7 +438,7 @@ class Trainer:
         if grid is not None:
             save_png(grid, self.run_dir / "samples.png")
             paths.append(self.run_dir / "samples.png")
-        save_curves(self.history, len(self.members), self.run_dir / "curves.png")
+        save_curves(self.history, self.cfg.ensemble, self.run_dir / "curves.png")
         if (self.run_dir / "curves.png").exists():
             paths.append(self.run_dir / "curves.png")
         return paths
@@ -395,6 +446,8 @@ class Trainer:
     # -- the run -----------------------------------------------------------------------------------------
 
     def prepare_run_dir(self) -> None:
+        if not self.runtime.is_main:
+            return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if (self.run_dir / CHECKPOINT).exists() and not self.cfg.resume:
             raise ResumeMismatch(
@@ -406,29 +459,40 @@ class Trainer:
         atomic_write_bytes(self.run_dir / "git-revision", (git_revision() + "\n").encode())
 
     def run(self, progress=None) -> dict:
-        cfg = self.cfg
-        progress = progress or _no_progress
+        cfg, main = self.cfg, self.runtime.is_main
+        progress = progress if (progress and main) else _no_progress
         self.prepare_run_dir()
+        self.runtime.barrier()  # the run directory exists (or the refusal was raised) before anyone reads it
         if cfg.resume and self.load_checkpoint():
             self.log(f"resuming {self.run_dir} at epoch {self.start_epoch}")
-        tracker = Tracker(self.run_dir, cfg.to_dict(), cfg.wandb, cfg.wandb_project, cfg.run_name, self.history)
-        self.history = tracker.history
+        tracker = None
+        if main:  # one metrics log and one W&B run per training run
+            tracker = Tracker(self.run_dir, cfg.to_dict(), cfg.wandb, cfg.wandb_project, cfg.run_name, self.history)
+            self.history = tracker.history
         try:
             if self.start_epoch == 0 and self._refresh_due(0):
                 self.refresh(epoch=-1)
             for epoch in range(self.start_epoch, cfg.epochs):
                 record = {"epoch": epoch}
                 record.update(self.train_epoch(epoch, progress))
-                record["time/refresh_s"] = self.refresh(epoch) if self._refresh_due(epoch + 1) else 0.0
+                refresh_s, received = self.refresh(epoch) if self._refresh_due(epoch + 1) else (0.0, 0)
+                record["time/refresh_s"] = refresh_s
+                if self.runtime.distributed:
+                    record["dist/cache_bytes_received"] = received
                 metrics, _ = self.evaluate()
                 record.update(metrics)
-                grid = self.sample_images() if cfg.wandb != "disabled" else None
-                tracker.log(record, images={"samples": grid.numpy()} if grid is not None else None)
+                if main:
+                    grid = self.sample_images() if cfg.wandb != "disabled" else None
+                    tracker.log(record, images={"samples": grid.numpy()} if grid is not None else None)
+                else:
+                    self.history.append(record)
                 self.save_checkpoint(epoch)
-                self.log(_epoch_line(record, len(self.members)))
-            self.write_figures()
+                self.log(_epoch_line(record, cfg.ensemble))
+            if main:
+                self.write_figures()
         finally:
-            tracker.finish()
+            if tracker is not None:
+                tracker.finish()
         return self.history[-1] if self.history else {}
 
 

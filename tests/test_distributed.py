@@ -1,0 +1,120 @@
+"""Multi-process training with torch.distributed (gloo on this CPU machine), launched through torchrun."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from gutout import SaliencyCache
+from gutout.config import ConfigError
+from gutout.train.distributed import plan_layout
+from tests.conftest import fake_fashion_mnist
+
+
+def test_member_placement():
+    # W = K: a member per rank.
+    assert [plan_layout(4, 4, r).members for r in range(4)] == [(0,), (1,), (2,), (3,)]
+    # W = 2K: a DDP group of two ranks per member, each rank one shard.
+    layouts = [plan_layout(2, 4, r) for r in range(4)]
+    assert [(lay.members, lay.shard_id, lay.group_size) for lay in layouts] == [
+        ((0,), 0, 2),
+        ((0,), 1, 2),
+        ((1,), 0, 2),
+        ((1,), 1, 2),
+    ]
+    assert layouts[2].group_ranks(1) == [2, 3] and layouts[1].group_leader is False
+    # W < K: several members per rank.
+    assert [plan_layout(5, 2, r).members for r in range(2)] == [(0, 2, 4), (1, 3)]
+    with pytest.raises(ConfigError, match="cannot place 2 ensemble members on 3 processes"):
+        plan_layout(2, 3, 0)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return fake_fashion_mnist(tmp_path_factory.mktemp("fmnist-dist"), n_train=512)
+
+
+def gutout(*args, timeout=600, env=None):
+    cmd = [sys.executable, "-m", "gutout", "train", "fashion-mnist", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def common(data, out, *extra):
+    return ["--data", str(data), "--out", str(out), "--device", "cpu", "--wandb", "disabled", "--no-progress",
+            "--batch-size", "32", "--num-threads", "0", *extra]  # fmt: skip
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_two_processes_train_both_members_and_build_the_same_cache_as_one(data, tmp_path):
+    args = common(data, tmp_path, "--ensemble", "2", "--subset", "256", "--epochs", "2")
+    two = gutout(*args, "--nproc", "2", "--name", "two")
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    assert "| member 0 |" in two.stdout and "| member 1 |" in two.stdout
+    records = metrics(tmp_path / "two")
+    record = records[-1]
+    # 256 samples x 2 members x 7 x 7 float16 maps + ids: every rank receives the whole cache once per refresh.
+    assert records[0]["dist/cache_bytes_received"] >= 256 * 2 * 49 * 2 and record["dist/cache_bytes_received"] == 0
+    # One process with the two members, one thread like each torchrun worker (OMP_NUM_THREADS=1): each member
+    # sees the same seeds, data and arithmetic either way, so the caches and metrics must be identical.
+    one = gutout(*args, "--name", "one", env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    a = SaliencyCache.load(tmp_path / "one" / "cache.gsc")
+    b = SaliencyCache.load(tmp_path / "two" / "cache.gsc")
+    assert bool(a.valid.all()) and torch.equal(a.valid, b.valid) and torch.equal(a.maps, b.maps)
+    untimed = [{k: v for k, v in r.items() if not k.startswith(("time/", "throughput/", "dist/"))}
+               for r in (metrics(tmp_path / "one")[-1], record)]  # fmt: skip
+    assert untimed[0] == untimed[1]
+
+
+@pytest.mark.slow
+def test_ddp_groups_and_several_members_per_rank(data, tmp_path):
+    ddp = gutout(*common(data, tmp_path, "--ensemble", "2", "--subset", "256", "--epochs", "1", "--nproc", "4",
+                         "--name", "ddp"))  # fmt: skip
+    assert ddp.returncode == 0, ddp.stdout[-3000:] + ddp.stderr[-3000:]
+    packed = gutout(*common(data, tmp_path, "--ensemble", "3", "--subset", "256", "--epochs", "1", "--nproc", "2",
+                            "--name", "packed"))  # fmt: skip
+    assert packed.returncode == 0, packed.stdout[-3000:] + packed.stderr[-3000:]
+    assert all(f"member/{m}/val_acc" in metrics(tmp_path / "packed")[-1] for m in range(3))
+    bad = gutout(*common(data, tmp_path, "--ensemble", "2", "--nproc", "3", "--name", "bad"))
+    assert bad.returncode != 0 and "cannot place 2 ensemble members on 3 processes" in bad.stdout + bad.stderr
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+@pytest.mark.slow
+def test_a_killed_rank_restarts_and_resumes(data, tmp_path):
+    args = common(data, tmp_path, "--ensemble", "2", "--subset", "384", "--epochs", "3", "--nproc", "2",
+                  "--max-restarts", "1", "--name", "victim")  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "gutout", "train", "fashion-mnist", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    run = tmp_path / "victim"
+    deadline = time.time() + 300
+    while not (run / "checkpoint.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    workers = _children(proc.pid)
+    assert len(workers) == 2, workers
+    os.kill(workers[1], signal.SIGKILL)  # rank 1 dies mid-run
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, "\n".join(line for line in output.splitlines() if not line.startswith("W1128"))[-6000:]
+    assert "resuming" in output
+    assert [r["epoch"] for r in metrics(run)] == [0, 1, 2]

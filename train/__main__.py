@@ -1,0 +1,5 @@
+"""`python -m gutout.train`: the command line."""
+
+from .cli import main
+
+main()

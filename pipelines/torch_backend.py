@@ -60,13 +60,16 @@ class _Samples(torch.utils.data.Dataset):
     def _load(self, index: int) -> torch.Tensor:
         if not self.is_folder:
             return self.dataset.images[index].permute(2, 0, 1)  # (C, H, W) uint8
-        from torchvision.io import ImageReadMode, decode_image
+        import numpy as np
+        from PIL import Image
 
         path = self.dataset.paths[index]
         try:
-            return decode_image(path, mode=ImageReadMode.RGB)  # (3, H, W) uint8
+            with Image.open(path) as image:
+                rgb = np.asarray(image.convert("RGB"))  # (H, W, 3) uint8
         except Exception as err:  # noqa: BLE001 - any decoder failure names the file
             raise DatasetError(f"cannot decode {path}: {type(err).__name__}: {err}") from None
+        return torch.from_numpy(rgb.copy()).permute(2, 0, 1)  # (3, H, W)
 
     def __getitem__(self, index: int):
         image = self._load(index)

@@ -111,7 +111,7 @@ class _DaliSource:
     def _pipeline_kwargs(self) -> dict[str, Any]:
         return dict(
             batch_size=self.config.batch_size,
-            num_threads=self.config.num_threads,
+            num_threads=max(1, self.config.num_threads),  # 0 means "no workers" to DataLoader; DALI needs one
             device_id=self.device_id,
             seed=self.config.epoch_seed(self.epoch, _SALT_AUGMENT),
             prefetch_queue_depth=self._depth(),

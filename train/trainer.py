@@ -427,8 +427,10 @@ class Trainer:
         maps = self.cache.maps[:, batch.indices.to(self.cache.device)]  # (K, n, h, w)
         views = []
         generator = torch.Generator().manual_seed(0)
+        # Show every sample's cut (p = 1): the grid is for looking at what Gutout erases.
+        shown = dataclasses.replace(self.stage_config, cut=dataclasses.replace(self.stage_config.cut, p=1.0))
         for m in range(self.cfg.ensemble):
-            stage = GutoutStage(self.stage_config, self.cache, m)
+            stage = GutoutStage(shown, self.cache, m)
             views.append(stage(batch.images.clone(), batch.indices, batch.windows, batch.flips, generator))
         return sample_grid(batch.images, maps, torch.stack(views), self.mean, self.std)
 

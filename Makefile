@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DEMO_SUBSET ?= 20000
 DEMO_EPOCHS ?= 5
 
-.PHONY: test demo fashion-mnist lint clean
+.PHONY: test demo fashion-mnist lint clean gpu-carry
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,13 @@ demo: $(STAMP) fashion-mnist
 	rm -rf runs/demo
 	$(BIN)/gutout train fashion-mnist --ensemble 2 --subset $(DEMO_SUBSET) --epochs $(DEMO_EPOCHS) --device cpu \
 	  --name demo --out runs --wandb offline
+
+# What bench/gpu_check.sh needs on a GPU machine that can install nothing: Fashion-MNIST's files and the
+# pytorch-grad-cam wheels, in git-ignored folders to carry along (.data, .whl).
+gpu-carry: $(STAMP) fashion-mnist
+	mkdir -p .data/fashion-mnist .whl
+	cp /usr/share/datasets/fashion-mnist/*.gz .data/fashion-mnist/
+	$(BIN)/python -m pip wheel -q --no-deps grad-cam==1.5.7 ttach==0.0.3 -w .whl
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

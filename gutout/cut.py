@@ -209,54 +209,67 @@ def hash_noise(flat_index: torch.Tensor, seed: int) -> torch.Tensor:
     return (uniform * 2.0 - 1.0) * math.sqrt(3.0)
 
 
-def erase_mask(
+def erase_weights(
     plan: CutPlan, maps: torch.Tensor | None, windows: torch.Tensor, flips: torch.Tensor, image_hw
 ) -> torch.Tensor:
-    """The pixels a plan erases, (B, H, W) bool. Terms for rules no sample uses are never computed."""
+    """(B, H, W) float32: 1.0 where the plan erases, 0.0 elsewhere. Rules no sample uses are never computed.
+
+    Float rather than bool because the fill is then one fused pass (x - x * e, or lerp), with no bool -> float
+    copy; the threshold rule compares the saliency in place, the warp being its only other use.
+    """
     H, W = image_hw
     B = plan.mode.shape[0]
-    mask = None
-    for rule in (MODE_THRESHOLD, MODE_AREA, MODE_BOX):
+    rules = [r for r in (MODE_THRESHOLD, MODE_AREA, MODE_BOX) if bool((plan.mode == r).any())]
+    weights = None
+    for rule in rules:
         chosen = plan.mode == rule  # (B,)
-        count = int(chosen.sum())
-        if count == 0:
-            continue
         if rule == MODE_BOX:
             r0, c0, r1, c1 = plan.box.view(-1, 4, 1).unbind(1)  # each (B, 1)
             rows = torch.arange(H, device=chosen.device)
             cols = torch.arange(W, device=chosen.device)
-            term = ((rows >= r0) & (rows < r1))[:, :, None] & ((cols >= c0) & (cols < c1))[:, None, :]
+            inside = ((rows >= r0) & (rows < r1))[:, :, None] & ((cols >= c0) & (cols < c1))[:, None, :]
+            term = inside.view(torch.uint8).to(torch.float32)  # bool -> uint8 (a view) -> float: ~6x faster
         else:
             if plan.saliency is None:
                 plan.saliency = warp_to_crop(maps, windows, flips, image_hw)  # (B, H, W)
             tau = plan.tau.view(-1, 1, 1)
-            term = plan.saliency > tau if rule == MODE_THRESHOLD else (plan.saliency >= tau) & (plan.saliency > 0)
-        if count < B:
-            term &= chosen.view(-1, 1, 1)
-        mask = term if mask is None else mask.logical_or_(term)
-    if mask is None:
-        mask = torch.zeros(B, H, W, dtype=torch.bool, device=plan.mode.device)
-    return mask
+            if rule == MODE_THRESHOLD and MODE_AREA not in rules:
+                term, plan.saliency = plan.saliency.gt_(tau), None  # in place: 1.0 where saliency > tau
+            elif rule == MODE_THRESHOLD:
+                term = plan.saliency.gt(tau).view(torch.uint8).to(torch.float32)
+            else:
+                term = ((plan.saliency >= tau) & (plan.saliency > 0)).view(torch.uint8).to(torch.float32)
+        if int(chosen.sum()) < B:
+            term.mul_(chosen.view(-1, 1, 1).to(term.dtype))
+        weights = term if weights is None else torch.maximum(weights, term, out=weights)
+    if weights is None:
+        weights = torch.zeros(B, H, W, dtype=torch.float32, device=plan.mode.device)
+    return weights
+
+
+def erase_mask(
+    plan: CutPlan, maps: torch.Tensor | None, windows: torch.Tensor, flips: torch.Tensor, image_hw
+) -> torch.Tensor:
+    """The pixels a plan erases, (B, H, W) bool."""
+    return erase_weights(plan, maps, windows, flips, image_hw) > 0
 
 
 def apply_plan_torch(
     images: torch.Tensor, plan: CutPlan, maps, windows, flips, fill: float | str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference implementation: erase in place; returns (images, erased fraction (B,) float32)."""
-    mask = erase_mask(plan, maps, windows, flips, tuple(images.shape[-2:]))  # (B, H, W)
-    pixels = mask.shape[1] * mask.shape[2]
+    erase = erase_weights(plan, maps, windows, flips, tuple(images.shape[-2:]))  # (B, H, W) 1.0 = erased
     if fill == "noise":
-        mask_bchw = mask[:, None].expand_as(images)
+        mask_bchw = (erase > 0)[:, None].expand_as(images)
         flat_index = mask_bchw.reshape(-1).nonzero().squeeze(1)  # NCHW linear index of erased pixels
         images[mask_bchw] = hash_noise(flat_index, plan.noise_seed).to(images.dtype)
-        return images, mask.view(torch.uint8).flatten(1).sum(1).float() / pixels
-    # A multiply by a 0/1 mask is exact (x * 1 == x) and several times faster on a CPU than masked_fill_ with a
-    # mask broadcast over channels; bool -> uint8 (a view) -> float converts ~6x faster than bool -> float.
-    keep = (~mask).view(torch.uint8)[:, None].to(images.dtype)  # (B, 1, H, W)
-    images.mul_(keep)
-    if float(fill) != 0.0:
-        images.add_((1 - keep) * float(fill))
-    return images, 1.0 - keep.flatten(1).float().sum(1) / pixels
+    else:
+        weight = erase[:, None].to(images.dtype)  # (B, 1, H, W), broadcast over channels
+        if float(fill) == 0.0:
+            images.addcmul_(images, weight, value=-1)  # x - x * e: exactly x where e = 0, exactly 0 where e = 1
+        else:  # torch.lerp is exact at both ends: start where the weight is 0, end where it is 1
+            images.lerp_(images.new_tensor(float(fill)), weight)
+    return images, erase.mean(dim=(1, 2))
 
 
 def _check_inputs(images, maps, windows, flips, config: CutConfig) -> None:

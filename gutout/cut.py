@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -209,6 +210,19 @@ def hash_noise(flat_index: torch.Tensor, seed: int) -> torch.Tensor:
     return (uniform * 2.0 - 1.0) * math.sqrt(3.0)
 
 
+_scratch = threading.local()  # per thread: two threads cutting at once must not share the buffer
+
+
+def _cpu_scratch(shape: tuple[int, ...]) -> torch.Tensor:
+    """A float32 buffer reused from batch to batch on the CPU: a fresh 13 MB tensor per batch would be fresh
+    pages from the OS each time (thousands of page faults), which costs as much as the warp itself. It never
+    leaves this module: the cut consumes it in place and returns new tensors."""
+    buffer = getattr(_scratch, "warp", None)
+    if buffer is None or tuple(buffer.shape) != tuple(shape):
+        buffer = _scratch.warp = torch.empty(shape, dtype=torch.float32)
+    return buffer
+
+
 def erase_weights(
     plan: CutPlan, maps: torch.Tensor | None, windows: torch.Tensor, flips: torch.Tensor, image_hw
 ) -> torch.Tensor:
@@ -231,7 +245,8 @@ def erase_weights(
             term = inside.view(torch.uint8).to(torch.float32)  # bool -> uint8 (a view) -> float: ~6x faster
         else:
             if plan.saliency is None:
-                plan.saliency = warp_to_crop(maps, windows, flips, image_hw)  # (B, H, W)
+                out = _cpu_scratch((B, H, W)) if not plan.mode.is_cuda else None
+                plan.saliency = warp_to_crop(maps, windows, flips, image_hw, out=out)  # (B, H, W)
             tau = plan.tau.view(-1, 1, 1)
             if rule == MODE_THRESHOLD and MODE_AREA not in rules:
                 term, plan.saliency = plan.saliency.gt_(tau), None  # in place: 1.0 where saliency > tau

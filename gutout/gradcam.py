@@ -215,8 +215,9 @@ class GradCAM:
                 return cam_from_activations(activations, head.weight, targets)
             logits, activations = self._forward(images, with_grad=True)  # not GAP + linear: gradients
         self.last_path = "gradient"
-        score = logits.gather(1, targets[:, None]).sum()
-        (grads,) = torch.autograd.grad(score, activations)  # (B, K, h, w), through the head only
+        with torch.enable_grad():  # the caller may be under no_grad; the head's graph is already recorded
+            score = logits.gather(1, targets[:, None]).sum()
+            (grads,) = torch.autograd.grad(score, activations)  # (B, K, h, w), through the head only
         weights = grads.float().mean(dim=(-2, -1))  # (B, K): textbook Grad-CAM channel weights
         cams = torch.einsum("bk,bkhw->bhw", weights, activations.detach().float())
         return normalise_maps(cams)

@@ -136,7 +136,6 @@ class GutoutLoader:
 
     # -- saliency refresh ------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def refresh(self, model: torch.nn.Module, layer: str | None = None, *, publish: bool = True,
                 batch_size: int | None = None) -> None:  # fmt: skip
         """Grad-CAM of `model` at the true labels over the whole dataset (refresh view: the canonical frame),

@@ -216,3 +216,11 @@ def test_cuda_maps_match_cpu_maps(name):
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):  # TF32 convolutions would differ by ~1e-2
         gpu = GradCAM(model.cuda(), layer)(x.cuda(), targets.cuda())
     assert gpu.device.type == "cuda" and (gpu.cpu() - cpu).abs().max() < 1e-3
+
+
+def test_gradient_path_works_when_the_caller_is_under_no_grad():
+    model, layer, head, x = build("densenet121")
+    targets = torch.tensor([3, 7, 0])
+    with torch.no_grad():
+        maps = GradCAM(model, layer)(x, targets)
+    assert (maps - reference_gradcam(model, layer, head, x, targets)).abs().max() < 1e-3

@@ -196,3 +196,29 @@ def test_bad_options_and_mismatched_cache():
         from gutout.pipelines.datasets import FolderDataset
 
         make_source(FolderDataset(None, [], torch.zeros(0), ()), "train", LoaderConfig(backend="tensor"))
+
+
+def test_refresh_through_a_head_that_needs_gradients():
+    """A head that is not GAP + linear: refresh takes Grad-CAM's gradient path."""
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Conv2d(1, 8, 3, padding=1)
+            self.head = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(8 * 8 * 8, 3))
+
+        def forward(self, x):
+            return self.head(torch.relu(self.body(x)))
+
+    torch.manual_seed(0)
+    images = (torch.rand(6, 8, 8, 1) * 255).to(torch.uint8)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    cache = SaliencyCache(1, 6, (8, 8))
+    loader = GutoutLoader.from_arrays(images, labels, cache=cache, batch_size=3, backend="tensor",
+                                      policy="threshold")  # fmt: skip
+    model = Net()
+    loader.refresh(model, "body")
+    from gutout import GradCAM
+
+    expected = GradCAM(model, "body")(next(iter(loader.view("refresh", 6))).images, labels)
+    assert bool(cache.valid.all()) and (cache.maps[0].float() - expected).abs().max() < 1e-3

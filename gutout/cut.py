@@ -262,13 +262,6 @@ def erase_weights(
     return weights
 
 
-def erase_mask(
-    plan: CutPlan, maps: torch.Tensor | None, windows: torch.Tensor, flips: torch.Tensor, image_hw
-) -> torch.Tensor:
-    """The pixels a plan erases, (B, H, W) bool."""
-    return erase_weights(plan, maps, windows, flips, image_hw) > 0
-
-
 def apply_plan_torch(
     images: torch.Tensor, plan: CutPlan, maps, windows, flips, fill: float | str
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,7 +2,7 @@
 
 One thread per output pixel (all channels). It reads only the sample's small map (h x w floats, in cache)
 and writes only erased pixels, so the stage costs less than a normalise pass over the batch. The
-arithmetic mirrors `gutout.warp.interp_taps` and `gutout.cut.erase_mask` line by line; the tests compare
+arithmetic mirrors `gutout.warp.interp_taps` and `gutout.cut.erase_weights` line by line; the tests compare
 both paths pixel for pixel wherever CUDA exists.
 
 CuPy is imported lazily: importing gutout never needs it.

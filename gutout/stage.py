@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -80,13 +79,6 @@ class GutoutStage:
                 raise ConfigError("peers='others' needs an ensemble of at least 2 members; use peers='self'")
         self.config, self.cache, self.member = config, cache, member
         self.stats = CutStats()
-
-    def with_member(self, member: int) -> GutoutStage:
-        return GutoutStage(self.config, self.cache, member)
-
-    def replace(self, **cut_overrides: Any) -> GutoutStage:
-        cut_config = dataclasses.replace(self.config.cut, **cut_overrides)
-        return GutoutStage(dataclasses.replace(self.config, cut=cut_config), self.cache, self.member)
 
     def __call__(
         self,

@@ -83,5 +83,16 @@ def shard_range(samples: int, shard_id: int, num_shards: int) -> tuple[int, int]
     return start, stop
 
 
+def epoch_order(shard: torch.Tensor, view: str, generator: torch.Generator) -> torch.Tensor:
+    """The samples of one epoch, in order: the shard permuted by `generator` for `train`, as is otherwise.
+
+    Every backend draws its order here, from a generator seeded with `LoaderConfig.epoch_seed(epoch)`, so all
+    three visit the same samples in the same order.
+    """
+    if view != "train":
+        return shard
+    return shard[torch.randperm(len(shard), generator=generator)]
+
+
 def batches_per_epoch(samples: int, batch_size: int) -> int:
     return math.ceil(samples / batch_size)

@@ -28,7 +28,7 @@ import torch
 
 from gutout.config import ConfigError, check_choice
 
-from .batch import VIEWS, Batch, LoaderConfig, batches_per_epoch, shard_range
+from .batch import VIEWS, Batch, LoaderConfig, batches_per_epoch, epoch_order, shard_range
 from .datasets import ArrayDataset, DatasetError, FolderDataset, check_images
 from .normalise import resolve_stats
 
@@ -95,10 +95,8 @@ class _DaliSource:
 
     def epoch_order(self) -> torch.Tensor:
         """This epoch's sample order (n,) int64: a seeded permutation of the shard for `train`."""
-        if self.view != "train":
-            return self.shard
         generator = torch.Generator().manual_seed(self.config.epoch_seed(self.epoch, _SALT_PERMUTATION))
-        return self.shard[torch.randperm(self.shard.numel(), generator=generator)]
+        return epoch_order(self.shard, self.view, generator)
 
     def _depth(self) -> int:
         return max(1, min(PREFETCH, len(self)))  # an epoch of one batch must not decode a second

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from .batch import Batch, LoaderConfig, batches_per_epoch, shard_range
+from .batch import Batch, LoaderConfig, batches_per_epoch, epoch_order, shard_range
 from .datasets import ArrayDataset, DatasetError
 from .normalise import resolve_stats
 
@@ -42,14 +42,9 @@ class TensorArraySource:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _order(self, generator: torch.Generator) -> torch.Tensor:
-        if self.view == "train":
-            return self.shard[torch.randperm(len(self.shard), generator=generator)]
-        return self.shard
-
     def __iter__(self) -> Iterator[Batch]:
         generator = torch.Generator().manual_seed(self.config.epoch_seed(self.epoch))
-        order = self._order(generator)
+        order = epoch_order(self.shard, self.view, generator)  # then crops and flips from the same stream
         for start in range(0, len(order), self.config.batch_size):
             indices = order[start : start + self.config.batch_size]
             yield self._batch(indices, generator)

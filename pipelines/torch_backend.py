@@ -13,7 +13,7 @@ import torch
 import torch.utils.data
 from torchvision.transforms.v2 import functional as TF
 
-from .batch import Batch, LoaderConfig, batches_per_epoch, shard_range
+from .batch import Batch, LoaderConfig, batches_per_epoch, epoch_order, shard_range
 from .datasets import ArrayDataset, DatasetError, FolderDataset
 from .normalise import resolve_stats
 
@@ -124,9 +124,7 @@ class TorchSource:
     def __iter__(self) -> Iterator[Batch]:
         seed = self.config.epoch_seed(self.epoch)
         self.samples.epoch_seed = seed
-        order = self.shard
-        if self.view == "train":
-            order = self.shard[torch.randperm(len(self.shard), generator=torch.Generator().manual_seed(seed))]
+        order = epoch_order(self.shard, self.view, torch.Generator().manual_seed(seed))
         loader = torch.utils.data.DataLoader(
             self.samples,
             batch_size=self.config.batch_size,

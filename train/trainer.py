@@ -133,7 +133,7 @@ class Trainer:
         self.train_set, self.test_set = load_datasets(cfg)
         self.backend = resolve_backend(cfg, self.train_set)
         self.num_classes = len(self.train_set.classes)
-        self.mean, self.std = resolve_stats(self.train_set, LoaderConfig(backend="tensor"))
+        self.mean, self.std = resolve_stats(self.train_set, LoaderConfig())
         image_size = cfg.image_size or (224 if cfg.dataset in ("imagenet", "folder") else None)
         self.loader_config = LoaderConfig(
             batch_size=cfg.batch_size, image_size=image_size, mean=self.mean, std=self.std, seed=cfg.seed,

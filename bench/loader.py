@@ -1,14 +1,18 @@
 """Loader throughput, side by side: DALI alone, DALI + the Gutout stage, torchvision ImageFolder + DataLoader.
 
 Real-photo JPEGs (bench/make_corpus.py builds them from Debian's wallpaper packages), batch 64, 224 px,
-2 DALI threads / 2 DataLoader workers. Each round runs one full epoch of every candidate, in a rotated
-order, so machine noise and thermal drift hit them alike; an epoch is timed from `iter()` to its last
-batch, pipeline start-up included. Reports the median images/s over the rounds, and the goal ratios
+2 DALI threads / 2 DataLoader workers. Each round runs `--epochs` full epochs of every candidate, in a
+rotated order, so machine noise and thermal drift hit them alike; epochs are timed from `iter()` to their
+last batch, pipeline start-up included. The stage runs with the loader's defaults (policy threshold 0.5,
+every sample cut) on synthetic maps that erase more than real Grad-CAM maps do (about 59% of each crop;
+the trainer's demo erased 27% of a cut sample), and with the fused kernel `--kernel auto` picks.
+Reports the median images/s over the rounds, and the goal ratios
 (issue 3: DALI + Gutout >= 1.8x torchvision and >= 0.97x DALI alone) as medians of per-round ratios.
 Each round also says how many cores other processes used meanwhile: on 2 cores, any of it spoils the run.
 
     python bench/loader.py                       # builds .bench-data/corpus on first use
     python bench/loader.py --rounds 15 --profile  # plus where the stage's time goes
+    python bench/loader.py --breakdown            # where DALI's own time goes, operator by operator
 """
 
 from __future__ import annotations
@@ -92,9 +96,8 @@ def smooth_cache(samples: int, map_size=(7, 7), seed: int = 0) -> gutout.Salienc
     return cache
 
 
-def make_stage(samples: int) -> gutout.GutoutStage:
-    config = gutout.StageConfig(gutout.CutConfig(policy="threshold", threshold=0.5), peers="self")
-    return gutout.GutoutStage(config, smooth_cache(samples), member=0)
+def make_stage(samples: int, cut: gutout.CutConfig) -> gutout.GutoutStage:
+    return gutout.GutoutStage(gutout.StageConfig(cut, peers="self"), smooth_cache(samples), member=0)
 
 
 def dali_epochs(dataset, config: LoaderConfig, stage: gutout.GutoutStage | None) -> Callable[[int], int]:
@@ -143,8 +146,8 @@ def torchvision_epochs(root: Path, config: LoaderConfig) -> Callable[[int], int]
     return epoch
 
 
-def side_by_side(candidates: dict[str, Callable[[int], int]], rounds: int) -> dict[str, list[float]]:
-    """images/s per round for each candidate: one epoch each per round, the order rotated every round."""
+def side_by_side(candidates: dict[str, Callable[[int], int]], rounds: int, epochs: int) -> dict[str, list[float]]:
+    """images/s per round for each candidate: `epochs` epochs each per round, the order rotated every round."""
     names = list(candidates)
     for name in names * 2:  # warm-up: worker start, first pipeline build, page cache, allocator pools
         candidates[name](0)
@@ -154,7 +157,7 @@ def side_by_side(candidates: dict[str, Callable[[int], int]], rounds: int) -> di
         load = OtherLoad()
         for name in names[r % len(names) :] + names[: r % len(names)]:
             start = time.perf_counter()
-            images = candidates[name](r + 1)
+            images = sum(candidates[name](r * epochs + e + 1) for e in range(epochs))
             rates[name].append(images / (time.perf_counter() - start))
         other = load.cores()
         worst = max(worst, other)
@@ -198,6 +201,106 @@ def profile_stage(dataset, config: LoaderConfig, stage: gutout.GutoutStage, repe
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 
+def dali_breakdown(dataset, config: LoaderConfig, rounds: int) -> None:
+    """DALI's train graph cut short after each operator, side by side: what each step costs per image-core.
+
+    The same operators and arguments as `gutout.pipelines.dali` (ROI decode of a random-resized crop, resize,
+    crop_mirror_normalize); each prefix runs whole epochs of the corpus with the same threads.
+    """
+    from nvidia.dali import fn, pipeline_def, types
+
+    files = [str(p) for p in dataset.paths]
+    B = config.batch_size
+    steps = ("read", "decode crop", "+ resize", "+ normalise")
+
+    def build(step: str):
+        @pipeline_def(batch_size=B, num_threads=config.num_threads, device_id=None, seed=0, prefetch_queue_depth=2,
+                      exec_dynamic=True)  # fmt: skip
+        def graph():
+            jpegs, _ = fn.readers.file(files=files, labels=list(range(len(files))), pad_last_batch=True)
+            if step == "read":
+                return jpegs
+            shape = fn.peek_image_shape(jpegs)
+            anchor, size = fn.random_crop_generator(shape, random_area=list(config.crop_area),
+                                                    random_aspect_ratio=list(config.crop_ratio))  # fmt: skip
+            images = fn.decoders.image_slice(jpegs, anchor, size, axis_names="HW", output_type=types.RGB)
+            if step == "decode crop":
+                return images
+            images = fn.resize(images, size=[config.image_size] * 2)
+            if step == "+ resize":
+                return images
+            return fn.crop_mirror_normalize(
+                images,
+                mirror=fn.random.coin_flip(),
+                mean=[m * 255 for m in MEAN],
+                std=[s * 255 for s in STD],
+                output_layout="CHW",
+                dtype=types.FLOAT,
+            )
+
+        return graph()
+
+    def epoch(step: str) -> float:
+        pipe = build(step)
+        pipe.build()
+        batches = -(-len(files) // B)
+        start = time.perf_counter()
+        for k in range(batches):
+            if k == 0:
+                pipe.schedule_run()
+            pipe.outputs()
+            if k + 2 < batches:
+                pipe.schedule_run()
+        return len(files) / (time.perf_counter() - start)
+
+    for step in steps:
+        epoch(step)
+    rates = {step: [] for step in steps}
+    for _ in range(rounds):
+        for step in steps:
+            rates[step].append(epoch(step))
+    print(f"\nDALI's train graph, cut short after each operator ({config.num_threads} threads, median of {rounds}):")
+    print("| graph | images/s | ms per image per core | this step |\n|---|---|---|---|")
+    before = 0.0
+    for step in steps:
+        cost = config.num_threads * 1e3 / statistics.median(rates[step])
+        print(f"| {step} | {statistics.median(rates[step]):.0f} | {cost:.3f} | {cost - before:+.3f} |")
+        before = cost
+
+
+def array_backends(rounds: int, batch: int, cut: gutout.CutConfig) -> None:
+    """Fashion-MNIST (60000 x 28 x 28, in memory) through GutoutLoader: the tensor backend (the dataset as one
+    tensor, pad-and-crop + flip as batched ops) and DALI's array pipeline, each without and with the stage."""
+    from gutout.pipelines import GutoutLoader
+    from gutout.pipelines.datasets import load_fashion_mnist
+
+    data = load_fashion_mnist("train")
+    cache = smooth_cache(len(data))
+    loaders = {}
+    for backend in ("tensor", "dali"):
+        for policy in ("none", cut.policy):
+            options = dict(batch_size=batch, backend=backend, policy=policy, threshold=cut.threshold, p=cut.p,
+                           kernel=cut.kernel, peers="self")  # fmt: skip
+            name = f"{backend}{'+gutout' if policy != 'none' else ''}"
+            loaders[name] = GutoutLoader.from_arrays(data.images, data.labels, classes=data.classes, cache=cache,
+                                                     **options)  # fmt: skip
+
+    def epochs(loader):
+        def run(e: int) -> int:
+            loader.set_epoch(e)
+            return sum(images.shape[0] for images, _ in loader)
+
+        return run
+
+    rates = side_by_side({name: epochs(loader) for name, loader in loaders.items()}, rounds, epochs=1)
+    print(f"\n| Fashion-MNIST, batch {batch}, CPU | images/s (median of {rounds}) |\n|---|---|")
+    for name, values in rates.items():
+        print(f"| {name} | {statistics.median(values):.0f} |")
+    for backend in ("tensor", "dali"):
+        ratio, low, high = paired_ratio(rates[f"{backend}+gutout"], rates[backend])
+        print(f"  {backend}+gutout / {backend}: {ratio:.3f}x [{low:.3f}, {high:.3f}]")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path(".bench-data/corpus"))
@@ -209,8 +312,15 @@ def main() -> None:
     # stage wait at barriers for a descheduled thread (measured: 0.71x DALI alone with 2, 0.84-0.89x with 1).
     parser.add_argument("--torch-threads", type=int, default=1, help="torch intra-op threads (the stage)")
     parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--epochs", type=int, default=2, help="epochs per candidate per round (longer: less noise)")
+    parser.add_argument("--policy", default="threshold", help="the stage's policy (CutConfig)")
+    parser.add_argument("--threshold", type=float, default=0.5)
+    parser.add_argument("--p", type=float, default=1.0, help="probability that a sample is cut (loader default 1)")
+    parser.add_argument("--kernel", default="auto", help="auto (the fused kernel where it runs) or torch")
     parser.add_argument("--only", nargs="*", default=None, help="run only these candidates")
     parser.add_argument("--profile", action="store_true", help="also time and profile the stage alone")
+    parser.add_argument("--breakdown", action="store_true", help="only time DALI's graph operator by operator")
+    parser.add_argument("--arrays", action="store_true", help="only time the array backends on Fashion-MNIST")
     args = parser.parse_args()
 
     torch.set_num_threads(args.torch_threads)
@@ -219,7 +329,14 @@ def main() -> None:
         make_corpus.build(args.data, args.images, classes=10, seed=0)
     dataset = scan_folder(args.data)
     config = LoaderConfig(batch_size=args.batch, image_size=args.size, num_threads=args.threads)
-    stage = make_stage(len(dataset))
+    cut = gutout.CutConfig(policy=args.policy, threshold=args.threshold, p=args.p, kernel=args.kernel)
+    if args.breakdown:
+        dali_breakdown(dataset, config, args.rounds)
+        return
+    if args.arrays:
+        array_backends(args.rounds, batch=256, cut=cut)
+        return
+    stage = make_stage(len(dataset), cut)
     candidates = {
         "dali": dali_epochs(dataset, config, None),
         "dali+gutout": dali_epochs(dataset, config, stage),
@@ -228,8 +345,9 @@ def main() -> None:
     if args.only:
         candidates = {name: fn for name, fn in candidates.items() if name in args.only}
     print(f"{len(dataset)} JPEGs from {args.data}, batch {args.batch}, {args.size} px, {args.threads} DALI threads"
-          f" / DataLoader workers, torch {args.torch_threads} threads, {args.rounds} rounds")  # fmt: skip
-    rates = side_by_side(candidates, args.rounds)
+          f" / DataLoader workers, torch {args.torch_threads} threads, {args.rounds} rounds of {args.epochs} epochs;"
+          f" stage: {args.policy} {args.threshold}, p {args.p}, kernel {args.kernel}")  # fmt: skip
+    rates = side_by_side(candidates, args.rounds, args.epochs)
     median = {name: statistics.median(values) for name, values in rates.items()}
     print(f"\n| loader | images/s (median of {args.rounds}) | min | max |\n|---|---|---|---|")
     for name, values in rates.items():

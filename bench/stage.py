@@ -1,5 +1,6 @@
 """Cut-stage speed: ms per batch for each policy, beside a plain normalise pass (one read and one write of the
-batch: the memory-bound floor); on CUDA both the fused CuPy kernel and the torch reference. Side by side.
+batch: the memory-bound floor); the torch reference beside the device's fused kernel (CuPy on CUDA, Numba on
+the CPU) where it runs. Side by side.
 
     python bench/stage.py                          # CPU, B = 64 and 256, 3 x 224 x 224
     python bench/stage.py --device cuda --repeats 50
@@ -17,8 +18,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import describe_device, time_side_by_side  # noqa: E402
 
-from gutout import CutConfig, cut  # noqa: E402
-from gutout.kernels import supports  # noqa: E402
+from gutout import CutConfig, cpu_kernel, cut, kernels  # noqa: E402
 
 POLICIES = {
     "threshold": dict(policy="threshold", threshold=0.5),
@@ -61,7 +61,8 @@ def main(argv=None) -> None:
         normalised = torch.empty_like(images)
         candidates["normalise pass"] = lambda: torch.sub(images, 0.5, out=normalised).div_(0.25)
         for name, options in POLICIES.items():
-            backends = ["torch"] + (["cupy"] if supports(images) else [])
+            fused = "cupy" if images.is_cuda else "numba"
+            backends = ["torch"] + ([fused] if {"cupy": kernels, "numba": cpu_kernel}[fused].supports(images) else [])
             for backend in backends:
                 cfg = CutConfig(**options, kernel=backend)
                 gen = torch.Generator().manual_seed(1)
@@ -71,13 +72,14 @@ def main(argv=None) -> None:
         ms = time_side_by_side(candidates, device, args.repeats)
         floor = ms.get("normalise pass")
         print(f"\nB = {B}")
-        print("| stage | ms | x normalise pass | torch / cupy |")
+        print("| stage | ms | x normalise pass | torch / fused |")
         print("|---|---|---|---|")
         for name, value in ms.items():
             vs_floor = f"{value / floor:.2f}" if floor else "-"
             speedup = "-"
-            if name.endswith("/ cupy"):
-                speedup = f"{ms[name.replace('cupy', 'torch')] / value:.1f}"
+            backend = name.rsplit("/ ", 1)[-1]
+            if backend in ("cupy", "numba"):
+                speedup = f"{ms[name.replace(backend, 'torch')] / value:.1f}"
             print(f"| {name} | {value:.3f} | {vs_floor} | {speedup} |")
 
 

@@ -25,7 +25,7 @@ from .config import ConfigError, check_choice, check_range, from_mapping
 from .warp import warp_to_crop
 
 POLICIES = ("threshold", "area", "box", "cutout", "erasing", "none")
-KERNELS = ("auto", "torch", "cupy")
+KERNELS = ("auto", "torch", "cupy", "numba")
 
 # Per-sample rules in a plan; the CuPy kernel uses the same numbers.
 MODE_NONE, MODE_THRESHOLD, MODE_AREA, MODE_BOX = 0, 1, 2, 3
@@ -44,7 +44,7 @@ class CutConfig:
     erase_scale: tuple[float, float] = (0.02, 0.33)  # `erasing`: torchvision RandomErasing's area range...
     erase_ratio: tuple[float, float] = (0.3, 3.3)  # ...and aspect-ratio range
     cold_start: str = "cutout"  # samples without a valid map: Cutout of the policy's area, or "none"
-    kernel: str = "auto"  # "auto": the fused CuPy kernel for CUDA tensors when CuPy imports, else torch
+    kernel: str = "auto"  # "auto": the fused kernel of the device (CuPy on CUDA, Numba on the CPU) if it imports
 
     def __post_init__(self):
         name = "CutConfig"
@@ -298,17 +298,21 @@ def _check_inputs(images, maps, windows, flips, config: CutConfig) -> None:
 
 
 def resolve_kernel(images: torch.Tensor, config: CutConfig) -> str:
-    from . import kernels
+    """The implementation that will cut `images`: a fused kernel ("cupy" on CUDA, "numba" on the CPU) or the
+    torch reference. "auto" takes the device's fused kernel where it can run and the reference elsewhere;
+    naming a kernel that cannot run is an error that says why."""
+    from . import cpu_kernel, kernels
 
-    if config.kernel == "torch" or (config.kernel == "auto" and not images.is_cuda):
+    fused = {"cupy": kernels, "numba": cpu_kernel}
+    if config.kernel == "torch":
         return "torch"
     if config.kernel == "auto":
-        return "cupy" if kernels.supports(images) else "torch"
-    if not images.is_cuda:
-        raise ValueError(f"cut: kernel 'cupy' needs CUDA tensors, got images on {images.device}")
-    if not kernels.supports(images):
-        raise ValueError(f"cut: kernel 'cupy' cannot run here ({kernels.why_unsupported(images)})")
-    return "cupy"
+        name = "cupy" if images.is_cuda else "numba"
+        return name if fused[name].supports(images) else "torch"
+    reason = fused[config.kernel].why_unsupported(images)
+    if reason is not None:
+        raise ValueError(f"cut: kernel {config.kernel!r} cannot run here ({reason})")
+    return config.kernel
 
 
 def cut(
@@ -346,8 +350,13 @@ def cut(
     windows = windows.to(images.device)
     flips = flips.to(images.device)
     plan = plan_cuts(maps, valid, windows, flips, (H, W), config, generator)
-    if resolve_kernel(images, config) == "cupy":
+    kernel = resolve_kernel(images, config)
+    if kernel == "cupy":
         from .kernels import apply_plan_cupy
 
         return apply_plan_cupy(images, plan, maps, windows, flips, config.fill)
+    if kernel == "numba":
+        from .cpu_kernel import apply_plan_numba
+
+        return apply_plan_numba(images, plan, maps, windows, flips, config.fill)
     return apply_plan_torch(images, plan, maps, windows, flips, config.fill)

@@ -11,6 +11,19 @@ def cuda_available() -> bool:
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
+# Plans every fused kernel (CuPy, Numba) is checked against the torch reference on.
+KERNEL_CASES = [
+    dict(policy="threshold", threshold=0.5),
+    dict(policy="threshold", threshold=0.0),
+    dict(policy="area", area=0.3),
+    dict(policy="box", size=0.4),
+    dict(policy="box", size=0.3, box_center="sample", gamma=2.0),
+    dict(policy="cutout", size=0.5, p=0.7),
+    dict(policy="threshold", threshold=0.4, fill="noise"),
+    dict(policy="area", area=0.2, fill=-2.0, cold_start="none"),
+]
+
+
 def random_windows(batch: int, generator: torch.Generator, pad: float = 0.0) -> torch.Tensor:
     """Crop windows (B, 4) inside [-pad, 1 + pad], non-degenerate, arbitrary aspect."""
     lo = torch.rand(batch, 2, generator=generator) * 0.6 - pad

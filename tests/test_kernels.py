@@ -7,31 +7,19 @@ from gutout import CutConfig
 from gutout.cut import MODE_AREA, MODE_THRESHOLD, apply_plan_torch, plan_cuts, resolve_kernel
 from gutout.kernels import why_unsupported
 from gutout.warp import warp_to_crop
-from tests.conftest import random_windows, requires_cuda
+from tests.conftest import KERNEL_CASES, random_windows, requires_cuda
 
 
-def test_cpu_tensors_fall_back_to_torch_with_a_reason():
-    x = torch.zeros(1, 3, 4, 4)
+def test_cpu_tensors_never_get_the_cupy_kernel():
+    x = torch.zeros(1, 3, 4, 4, dtype=torch.float64)  # a dtype no fused kernel takes
     assert resolve_kernel(x, CutConfig()) == "torch"
     assert "not CUDA" in why_unsupported(x)
-
-
-CASES = [
-    dict(policy="threshold", threshold=0.5),
-    dict(policy="threshold", threshold=0.0),
-    dict(policy="area", area=0.3),
-    dict(policy="box", size=0.4),
-    dict(policy="box", size=0.3, box_center="sample", gamma=2.0),
-    dict(policy="cutout", size=0.5, p=0.7),
-    dict(policy="threshold", threshold=0.4, fill="noise"),
-    dict(policy="area", area=0.2, fill=-2.0, cold_start="none"),
-]
 
 
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 def test_cupy_kernel_matches_torch_reference(case, dtype, channels_last):
     pytest.importorskip("cupy")
     device = torch.device("cuda")

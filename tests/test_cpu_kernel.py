@@ -104,3 +104,16 @@ def test_cut_entry_point_runs_the_fused_kernel_in_place():
     out, erased = cut(images, maps, windows, flips, threshold=0.3, inplace=True, kernel="numba")
     assert out.data_ptr() == images.data_ptr()
     assert torch.allclose(erased, (out == 0).all(1).float().mean((1, 2)))
+
+
+def test_views_into_a_larger_batch_are_cut_in_place_and_alone():
+    """A batch that is a slice of a bigger one (a storage offset): only its own pixels change."""
+    g = torch.Generator().manual_seed(6)
+    whole = torch.randn(6, 3, 16, 16, generator=g) + 5
+    before = whole.clone()
+    part = whole[2:5]  # contiguous, storage offset 2 samples in
+    maps, windows = torch.rand(3, 7, 7, generator=g), random_windows(3, g)
+    ref, _ = cut(part.clone(), maps, windows, torch.zeros(3, dtype=torch.bool), threshold=0.2, kernel="torch")
+    cut(part, maps, windows, torch.zeros(3, dtype=torch.bool), threshold=0.2, inplace=True, kernel="numba")
+    assert torch.equal(whole[:2], before[:2]) and torch.equal(whole[5:], before[5:])
+    assert int((whole[2:5] != ref).any(1).sum()) <= 2

@@ -67,17 +67,21 @@ def fill_spans(pixels, shape, strides, b, spans, n, fill, noise, seed):
     for c in range(C):
         for k in range(n):
             y, a, e = spans[k, 0], spans[k, 1], spans[k, 2]
-            row = uint64(b * sB + c * sC + y * sH)
-            if noise:
-                logical = ((b * C + c) * H + y) * W  # the NCHW linear index hash_noise is defined on
-                for x in range(a, e):
-                    pixels[row + uint64(x * sW)] = noise_at(logical + x, seed)
-            elif sW == 1:
-                for x in range(uint64(a), uint64(e)):
-                    pixels[row + x] = fill
-            else:
-                for x in range(a, e):
-                    pixels[row + uint64(x * sW)] = fill
+            fill_run(pixels, uint64(b * sB + c * sC + y * sH), ((b * C + c) * H + y) * W, a, e, sW, fill, noise, seed)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def fill_run(pixels, row, logical, a, e, sW, fill, noise, seed):
+    """Columns [a, e) of one channel's row at flat offset `row` (NCHW linear index `logical` for the noise)."""
+    if noise:
+        for x in range(a, e):
+            pixels[row + uint64(x * sW)] = noise_at(logical + x, seed)
+    elif sW == 1:
+        for x in range(uint64(a), uint64(e)):
+            pixels[row + x] = fill
+    else:
+        for x in range(a, e):
+            pixels[row + uint64(x * sW)] = fill
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -178,11 +182,47 @@ def spans_from_map(maps, b, window, flip, t, area, H, W, spans):
     return n
 
 
+@njit(cache=True, nogil=True, inline="always")
+def normalise_run(source, pixels, row, b, c, y, a, e, sW, s, o):
+    """Columns [a, e) of row y, channel c of sample b: uint8 `source` as float32 `source * s + o`."""
+    if sW == 1:
+        for x in range(uint64(a), uint64(e)):
+            pixels[row + x] = f32(source[b, c, y, x]) * s + o
+    else:
+        for x in range(a, e):
+            pixels[row + uint64(x * sW)] = f32(source[b, c, y, x]) * s + o
+
+
 @njit(cache=True, nogil=True)
-def cut_batch(pixels, shape, strides, maps, saliency, windows, flips, mode, tau, box, fill, noise, seed, erased, spans):
+def normalise_sample(source, pixels, shape, strides, b, scale, bias, spans, n, fill, noise, seed):
+    """Sample b of uint8 `source` (B, C, H, W) as float32 `source * scale[c] + bias[c]`, except the first n
+    spans (in row order), which get the fill: every pixel is written once, so the cut costs no pass of its
+    own. Channel after channel, so that the stores stay sequential."""
+    _, C, H, W = shape
+    sB, sC, sH, sW = strides
+    for c in range(C):
+        s, o = scale[c], bias[c]
+        k = 0
+        for y in range(H):
+            row = uint64(b * sB + c * sC + y * sH)
+            x = 0
+            while k < n and spans[k, 0] == y:
+                a, e = spans[k, 1], spans[k, 2]
+                normalise_run(source, pixels, row, b, c, y, x, a, sW, s, o)
+                fill_run(pixels, row, ((b * C + c) * H + y) * W, a, e, sW, fill, noise, seed)
+                x = e
+                k += 1
+            normalise_run(source, pixels, row, b, c, y, x, W, sW, s, o)
+
+
+@njit(cache=True, nogil=True)
+def cut_batch(pixels, shape, strides, maps, saliency, windows, flips, mode, tau, box, fill, noise, seed, erased, spans,
+              source, scale, bias):  # fmt: skip
     """Apply a CutPlan (mode, tau, box per sample) to a batch in place; erased[b] = pixel count.
 
     The batch is `pixels`, its memory as a flat array, with `shape` (B, C, H, W) and `strides` in elements.
+    With a uint8 `source` (B, C, H, W) the batch is written from it, normalised (`source * scale + bias`),
+    the fill going straight into the erased spans: one pass, each pixel written once.
     `saliency` (B, H, W) is the plan's warped saliency when planning computed it (the `area` rule's threshold
     is one of its values, so deciding on those very values keeps the ties exact), else an empty array.
     `spans` (H * W, 3) int64 is scratch space for one sample's spans (y, a, e): at most one per pixel.
@@ -206,5 +246,8 @@ def cut_batch(pixels, shape, strides, maps, saliency, windows, flips, mode, tau,
         count = 0
         for k in range(n):
             count += spans[k, 2] - spans[k, 1]
-        fill_spans(pixels, shape, strides, b, spans, n, fill, noise, seed)
+        if source.shape[0] == B:
+            normalise_sample(source, pixels, shape, strides, b, scale, bias, spans, n, fill, noise, seed)
+        else:
+            fill_spans(pixels, shape, strides, b, spans, n, fill, noise, seed)
         erased[b] = count

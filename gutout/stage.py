@@ -10,7 +10,7 @@ import torch
 
 from .cache import PEER_RULES, SaliencyCache
 from .config import ConfigError, check_choice, from_mapping
-from .cut import CutConfig, cut
+from .cut import CutConfig, cut, plan_cuts, resolve_kernel
 
 
 @dataclass(frozen=True)
@@ -96,3 +96,42 @@ class GutoutStage:
         images, erased = cut(images, maps, windows, flips, cfg, valid=valid, generator=generator, inplace=True)
         self.stats.add(erased)
         return images
+
+    def normalise_and_cut(
+        self,
+        source: torch.Tensor,
+        out: torch.Tensor,
+        mean: torch.Tensor,
+        std: torch.Tensor,
+        indices: torch.Tensor,
+        windows: torch.Tensor,
+        flips: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """`out` = the cut of (uint8 `source` - mean) / std: the same batch, draws and statistics as
+        normalising first and then calling the stage, in one pass where the fused CPU kernel runs.
+
+        For loaders that normalise on the host (`source` (B, C, H, W) uint8, `mean`/`std` (C,) in its units):
+        the cut's stores then land on samples that are still in cache instead of costing a pass of their own.
+        """
+        if not (self._fuses(out) and source.dtype == torch.uint8):
+            mean, std = (torch.as_tensor(v, dtype=out.dtype).view(-1, 1, 1) for v in (mean, std))
+            torch.sub(source, mean, out=out).div_(std)
+            return self(out, indices, windows, flips, generator)
+        from .cpu_kernel import normalise_and_cut_numba
+
+        cfg = self.config.cut
+        if cfg.policy == "none":  # as `cut` does: no draws, nothing erased
+            out, erased = normalise_and_cut_numba(source, out, mean, std, None, None, None, None, cfg.fill)
+        else:
+            maps = valid = None
+            if cfg.needs_maps:
+                maps, valid = self.cache.lookup(self.config.peers, indices, member=self.member, generator=generator)
+            plan = plan_cuts(maps, valid, windows, flips, tuple(out.shape[-2:]), cfg, generator)
+            out, erased = normalise_and_cut_numba(source, out, mean, std, plan, maps, windows, flips, cfg.fill)
+        self.stats.add(erased)
+        return out
+
+    def _fuses(self, images: torch.Tensor) -> bool:
+        """Whether the fused CPU kernel would cut these images (what `cut` would pick)."""
+        return resolve_kernel(images, self.config.cut) == "numba"

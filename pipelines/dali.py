@@ -30,6 +30,7 @@ from gutout.config import ConfigError, check_choice
 
 from .batch import VIEWS, Batch, LoaderConfig, batches_per_epoch, epoch_order, shard_range
 from .datasets import ArrayDataset, DatasetError, FolderDataset, check_images
+from .host_finish import Finisher, HostFinish
 from .normalise import resolve_stats
 
 READER = "Reader"
@@ -76,6 +77,8 @@ def _dali_reason(err: Exception) -> str:
 class _DaliSource:
     """One view of one dataset shard as a `BatchSource`: `len()` batches per epoch, the last one partial."""
 
+    fuses_cut = False  # True where batches are normalised on the host, so `run_epoch(finish)` can cut in that pass
+
     def __init__(self, dataset: FolderDataset | ArrayDataset, view: str, config: LoaderConfig):
         check_choice("dali source", "view", view, VIEWS)
         self.dataset, self.view, self.config = dataset, view, config
@@ -119,7 +122,7 @@ class _DaliSource:
     def _build(self, order: torch.Tensor):
         raise NotImplementedError
 
-    def _batch(self, outputs: tuple, start: int, batch_order: torch.Tensor) -> Batch:
+    def _batch(self, outputs: tuple, start: int, batch_order: torch.Tensor, finish: Finisher | None) -> Batch:
         raise NotImplementedError
 
     def _fail(self, err: Exception, order: torch.Tensor, batch: int) -> DatasetError:
@@ -127,6 +130,12 @@ class _DaliSource:
                             f"{_dali_reason(err)}")  # fmt: skip
 
     def __iter__(self) -> Iterator[Batch]:
+        return self.run_epoch()
+
+    def run_epoch(self, finish: Finisher | None = None) -> Iterator[Batch]:
+        """This epoch's batches. Where the source normalises on the host (`fuses_cut`), `finish(source uint8,
+        out float32, mean, std, indices, windows, flips)` replaces that normalisation: a stage's
+        `normalise_and_cut`, so the cut rides the same pass. Other sources ignore it (the loader cuts after)."""
         order = self.epoch_order()
         if order.numel() == 0:
             return
@@ -150,7 +159,7 @@ class _DaliSource:
                         pipe.schedule_run()  # one more in flight while this batch is used
                 except RuntimeError as err:
                     raise self._fail(err, order, k) from None
-                yield self._batch(outputs, k * B, order[k * B : (k + 1) * B])
+                yield self._batch(outputs, k * B, order[k * B : (k + 1) * B], finish)
         finally:
             del pipe  # a pipeline that failed is unusable; each epoch builds its own anyway
 
@@ -169,8 +178,9 @@ class _DaliSource:
 # -- folders: files decoded by DALI ---------------------------------------------------------------------
 
 
-def _random_crop(jpegs, area, ratio, image_size: int, decode_device: str):
-    """Random-resized crop, decoding only the crop; returns (images (S, S, 3) uint8, window (4,) float32)."""
+def _random_crop(jpegs, area, ratio, image_size: int | None, decode_device: str):
+    """Random-resized crop, decoding only the crop; returns (images (S, S, 3) uint8, window (4,) float32).
+    With `image_size` None the crop is not resized: (h, w, 3) uint8 at the source's resolution."""
     from nvidia.dali import fn, types
 
     shape = fn.peek_image_shape(jpegs)  # (3,) int64: H, W, C of the source image
@@ -179,7 +189,8 @@ def _random_crop(jpegs, area, ratio, image_size: int, decode_device: str):
     images = fn.decoders.image_slice(
         jpegs, anchor, size, axis_names="HW", device=decode_device, output_type=types.RGB
     )  # (h, w, 3) uint8 (the default axis order is WH: without "HW" the window is transposed)
-    images = fn.resize(images, size=[image_size, image_size])  # (S, S, 3) uint8, pixel centres map linearly
+    if image_size is not None:
+        images = fn.resize(images, size=[image_size, image_size])  # (S, S, 3) uint8, pixel centres map linearly
     hw = fn.cast(shape[0:2], dtype=types.FLOAT)  # (2,) H, W
     window = fn.cat(anchor / hw, (anchor + size) / hw)  # (4,) y0, x0, y1, x1 in the canonical frame
     return images, window
@@ -233,17 +244,25 @@ def folder_pipeline(
     std: list[float],
     dtype,
     decode_device: str,
+    host_finish: bool = False,
 ):
-    """The folder graph: (images (C, S, S), index, [window (4,)], [flip]); optional outputs per view."""
+    """The folder graph: (images (C, S, S), index, [window (4,)], [flip]); optional outputs per view.
+
+    `host_finish` (train view, CPU): stop after decoding the crop, images (h, w, 3) uint8 of any size; the
+    resize, flip and normalisation happen in `pipelines.host_finish` (faster than DALI's CPU resize).
+    """
     from nvidia.dali import fn
 
     # The label is the sample's dataset index, so every output sample says which cache row it is.
     jpegs, index = fn.readers.file(files=files, labels=indices, name=READER, pad_last_batch=True)
     if view == "train":
-        images, window = _random_crop(jpegs, crop_area, crop_ratio, image_size, decode_device)
+        size = None if host_finish else image_size
+        images, window = _random_crop(jpegs, crop_area, crop_ratio, size, decode_device)
     else:
         images, window = _eval_view(jpegs, crop_fraction, image_size, decode_device)
     mirror = fn.random.coin_flip(probability=0.5) if (view == "train" and flip) else None  # () int32
+    if host_finish:
+        return tuple(x for x in (images, index, window, mirror) if x is not None)
     images = fn.crop_mirror_normalize(
         images,
         mirror=0 if mirror is None else mirror,  # the flip is applied after the crop, as the contract says
@@ -262,6 +281,11 @@ class DaliFolderSource(_DaliSource):
         self.paths = np.asarray(dataset.paths, dtype=object)  # indexed by an epoch's order, no Python loop
         self.has_window = view != "refresh"
         self.has_flip = view == "train" and config.flip
+        # Without a GPU, train crops are resized and normalised on the host (see pipelines.host_finish).
+        self.host = None
+        if view == "train" and self.device_id is None and config.cpu_resize == "torch":
+            self.host = HostFinish(self.image_size, self.mean, self.std, config.batch_size)
+        self.fuses_cut = self.host is not None
 
     def _build(self, order: torch.Tensor):
         return folder_pipeline(
@@ -277,20 +301,29 @@ class DaliFolderSource(_DaliSource):
             std=self.std,
             dtype=self._dali_type(),
             decode_device="mixed" if self.device_id is not None else "cpu",
+            host_finish=self.host is not None,
             **self._pipeline_kwargs(),
         )
 
-    def _batch(self, outputs: tuple, start: int, batch_order: torch.Tensor) -> Batch:
+    def _batch(self, outputs: tuple, start: int, batch_order: torch.Tensor, finish: Finisher | None) -> Batch:
         n = batch_order.numel()  # the reader pads the last batch with repeats: keep the first n
         outputs = iter(outputs)
-        images = _to_torch(next(outputs), self.device)[:n]  # (n, 3, S, S)
+        images = next(outputs)  # (n, 3, S, S) finished by DALI, or (h, w, 3) crops for the host to finish
         indices = _to_torch(next(outputs), torch.device("cpu"))[:n].view(n)  # (n,) int32 from the reader
         if self.has_window:
             windows = _to_torch(next(outputs), torch.device("cpu"))[:n]  # (n, 4) float32
         else:
             windows = torch.tensor(_FULL_WINDOW).expand(n, 4)
         flips = _to_torch(next(outputs), torch.device("cpu"))[:n].view(n) if self.has_flip else torch.zeros(n)
-        return self._finish(images, indices, windows, flips)
+        if self.host is None:
+            return self._finish(_to_torch(images, self.device)[:n], indices, windows, flips)
+        batch = self._finish(None, indices, windows, flips)
+        resized = self.host.resize([images[i] for i in range(n)], batch.flips)  # (n, 3, S, S) uint8
+        out = self.host.output(tuple(resized.shape))
+        if finish is None:
+            return batch._replace(images=self.host.normalise(resized, out))
+        return batch._replace(images=finish(resized, out, self.host.mean, self.host.std, batch.indices,
+                                            batch.windows, batch.flips))  # fmt: skip
 
     def _fail(self, err: Exception, order: torch.Tensor, batch: int) -> DatasetError:
         """Name the file behind a DALI failure: decode the failing batch and the prefetched ones with PIL."""
@@ -395,7 +428,7 @@ class DaliArraySource(_DaliSource):
             **self._pipeline_kwargs(),
         )
 
-    def _batch(self, outputs: tuple, start: int, batch_order: torch.Tensor) -> Batch:
+    def _batch(self, outputs: tuple, start: int, batch_order: torch.Tensor, finish: Finisher | None) -> Batch:
         n = batch_order.numel()
         images = _to_torch(outputs[0], self.device)  # (n, C, S, S)
         if self.view != "train":

@@ -14,6 +14,7 @@ except during `refresh()`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -116,6 +117,9 @@ class GutoutLoader:
     def batches(self) -> Iterator[Batch]:
         """Gutout'ed batches with their indices, windows and flips."""
         generator = torch.Generator().manual_seed(self.config.epoch_seed(self.epoch, salt=self.member + 1))
+        if getattr(self.source, "fuses_cut", False):  # normalised on the host: cut in that very pass
+            yield from self.source.run_epoch(functools.partial(self.stage.normalise_and_cut, generator=generator))
+            return
         for batch in self.source:
             images = self.stage(batch.images, batch.indices, batch.windows, batch.flips, generator)
             yield batch._replace(images=images)

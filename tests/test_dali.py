@@ -99,9 +99,12 @@ def no_hang():
 # -- windows and flips ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("view", ["train", "val", "refresh"])
-def test_folder_views_follow_the_window_contract(coord_folder, view):
-    config = LoaderConfig(batch_size=3, image_size=48, mean=MEAN, std=STD, seed=3)
+@pytest.mark.parametrize(
+    "view, cpu_resize", [("train", "torch"), ("train", "dali"), ("val", "torch"), ("refresh", "torch")]
+)
+def test_folder_views_follow_the_window_contract(coord_folder, view, cpu_resize):
+    """`cpu_resize`: the CPU train crop resized on the host (torch) or by DALI; both honour the contract."""
+    config = LoaderConfig(batch_size=3, image_size=48, mean=MEAN, std=STD, seed=3, cpu_resize=cpu_resize)
     flips = []
     for epoch in range(2 if view == "train" else 1):
         source = dali_folder_source(coord_folder, view, config)

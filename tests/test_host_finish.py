@@ -1,0 +1,114 @@
+"""The CPU train path that finishes DALI's crops on the host: same crops as DALI's own resize, batches that
+stay intact while held, and the cut fused into the normalising pass giving the very batch of the plain path."""
+
+import pytest
+import torch
+
+from gutout import GutoutStage, SaliencyCache, StageConfig
+from gutout.pipelines import GutoutLoader
+from gutout.pipelines.host_finish import OutputPool, normalise_into
+from tests.conftest import KERNEL_CASES, random_windows
+
+pytest.importorskip("nvidia.dali")
+pytest.importorskip("numba")
+
+
+def test_pool_reuses_only_batches_nobody_holds():
+    pool = OutputPool(capacity=3)
+    assert pool.enabled, "this torch's storage use count is readable: pooling is on"
+    shape = (2, 3, 4, 4)
+    first = pool.take(shape)
+    ptr = first.data_ptr()
+    second = pool.take(shape)
+    assert second.data_ptr() != ptr  # the caller holds the tensor it was given
+    view = first[1:]  # a caller keeping only a view still holds the storage
+    del first
+    third = pool.take(shape)
+    assert third.data_ptr() not in (ptr, second.data_ptr())
+    del view
+    assert pool.take(shape).data_ptr() == ptr  # released: reused, no fresh pages
+    assert second.data_ptr() != ptr and third.data_ptr() != ptr
+
+
+@pytest.fixture
+def photo_folder(tmp_path):
+    """12 smooth JPEG 'photos' of different sizes in 3 classes."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for i in range(12):
+        h, w = 40 + 7 * i, 90 - 3 * i
+        coarse = torch.rand(1, 3, 4, 4, generator=g) * 255
+        pixels = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear")[0].permute(1, 2, 0)
+        (tmp_path / f"c{i % 3}").mkdir(exist_ok=True)
+        Image.fromarray(pixels.to(torch.uint8).numpy()).save(tmp_path / f"c{i % 3}" / f"{i:02d}.jpg", quality=95)
+    return tmp_path
+
+
+def loader_for(root, cache, **options):
+    base = dict(batch_size=5, image_size=32, seed=4, policy="threshold", threshold=0.4, peers="self")
+    return GutoutLoader.from_folder(root, cache=cache, **(base | options))
+
+
+def maps_cache(samples: int) -> SaliencyCache:
+    cache = SaliencyCache(1, samples, (7, 7))
+    cache.update(0, torch.arange(samples), torch.rand(samples, 7, 7, generator=torch.Generator().manual_seed(1)))
+    cache.publish()
+    return cache
+
+
+def test_host_resize_matches_dalis_own(photo_folder):
+    """Same windows, flips and pixels (up to the two resize implementations' rounding) as the all-DALI graph."""
+    cache = maps_cache(12)
+    host = list(loader_for(photo_folder, cache, policy="none").batches())
+    dali = list(loader_for(photo_folder, cache, policy="none", cpu_resize="dali").batches())
+    for a, b in zip(host, dali, strict=True):
+        assert torch.equal(a.indices, b.indices) and torch.equal(a.windows, b.windows) and torch.equal(a.flips, b.flips)
+        assert float((a.images - b.images).abs().mean()) < 0.02  # normalised units: ~1 grey level in 255
+        assert float((a.images - b.images).abs().max()) < 0.3
+
+
+def test_fused_cut_gives_the_batches_of_normalising_then_cutting(photo_folder):
+    """GutoutLoader fuses the cut into the host's normalising pass; the source + stage path, unfused, must
+    give the same pixels, draws and statistics, epoch after epoch, with the batches held all along."""
+    cache = maps_cache(12)
+    loader = loader_for(photo_folder, cache, p=0.7)
+    assert loader.source.fuses_cut
+    stage = GutoutStage(StageConfig.from_flat(policy="threshold", threshold=0.4, p=0.7, peers="self"), cache)
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        fused = list(loader.batches())  # all held: a pool that reused a held batch would corrupt the earlier ones
+        loader.source.set_epoch(epoch)
+        generator = torch.Generator().manual_seed(loader.config.epoch_seed(epoch, salt=1))
+        plain = [stage(b.images, b.indices, b.windows, b.flips, generator) for b in loader.source]
+        assert len({b.images.data_ptr() for b in fused}) == len(fused)
+        for f, p in zip(fused, plain, strict=True):
+            assert torch.equal(f.images, p)
+    assert abs(loader.stats.mean - stage.stats.mean) < 1e-9 and loader.stats.mean > 0
+
+
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_stage_normalise_and_cut_equals_both_unfused_paths(case):
+    g = torch.Generator().manual_seed(2)
+    B, H, W = 6, 20, 24
+    source = torch.randint(0, 256, (B, 3, H, W), dtype=torch.uint8, generator=g)
+    mean, std = torch.tensor([120.0, 110.0, 100.0]), torch.tensor([60.0, 58.0, 57.0])
+    cache = SaliencyCache(1, 10, (7, 7))
+    cache.update(0, torch.arange(10), torch.rand(10, 7, 7, generator=g))
+    cache.publish()
+    indices, windows, flips = torch.arange(B), random_windows(B, g, pad=0.1), torch.rand(B, generator=g) < 0.5
+    results = {}
+    for name, kernel in (("fused", "auto"), ("numba", "numba"), ("torch", "torch")):
+        stage = GutoutStage(StageConfig.from_flat(case | {"kernel": kernel, "peers": "self"}), cache)
+        seeded = torch.Generator().manual_seed(3)
+        if name == "fused":
+            out = stage.normalise_and_cut(source, torch.empty(B, 3, H, W), mean, std, indices, windows, flips, seeded)
+        else:
+            normalised = normalise_into(source, torch.empty(B, 3, H, W), mean, std)
+            out = stage(normalised, indices, windows, flips, seeded)
+        results[name] = (out, stage.stats.mean)
+    assert torch.equal(results["fused"][0], results["numba"][0])  # same arithmetic, same spans: identical
+    assert results["fused"][1] == results["numba"][1]
+    reference, _ = results["torch"]
+    differ = (results["fused"][0] - reference).abs() > 1e-5  # normalisation rounding aside, only threshold ties
+    assert int(differ.any(1).sum()) <= 4

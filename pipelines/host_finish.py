@@ -34,21 +34,22 @@ class OutputPool:
     """
 
     def __init__(self, capacity: int = 4):
-        self.capacity = capacity
-        self.buffers: list[torch.Tensor] = []
+        self.capacity = capacity  # buffers kept per shape (an epoch's last, partial batch has its own)
+        self.buffers: dict[tuple[int, ...], list[torch.Tensor]] = {}
         self.enabled = _use_count_works()
 
     def take(self, shape: tuple[int, ...]) -> torch.Tensor:
         """A float32 tensor of `shape`, always a fresh alias (its own TensorImpl) of a pooled buffer: the count
         reads storage references, and the pool's own tensor object, if handed out, would hide the caller's."""
-        if self.enabled:
-            for buffer in self.buffers:
-                if tuple(buffer.shape) == shape and _storage_users(buffer) == 1:
-                    return buffer.view(shape)
-        buffer = torch.empty(shape, dtype=torch.float32)
         if not self.enabled:
-            return buffer
-        self.buffers = [b for b in self.buffers if tuple(b.shape) == shape][-(self.capacity - 1) :] + [buffer]
+            return torch.empty(shape, dtype=torch.float32)
+        kept = self.buffers.setdefault(shape, [])
+        for buffer in kept:
+            if _storage_users(buffer) == 1:
+                return buffer.view(shape)
+        buffer = torch.empty(shape, dtype=torch.float32)
+        kept.append(buffer)
+        del kept[: -self.capacity]  # held ones past the capacity stay the caller's, as fresh tensors would
         return buffer.view(shape)
 
 

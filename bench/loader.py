@@ -1,11 +1,14 @@
-"""Loader throughput, side by side: DALI alone, DALI + the Gutout stage, torchvision ImageFolder + DataLoader.
+"""Loader throughput, side by side: DALI alone, DALI + Gutout, torchvision ImageFolder + DataLoader.
 
 Real-photo JPEGs (bench/make_corpus.py builds them from Debian's wallpaper packages), batch 64, 224 px,
 2 DALI threads / 2 DataLoader workers. Each round runs `--epochs` full epochs of every candidate, in a
 rotated order, so machine noise and thermal drift hit them alike; epochs are timed from `iter()` to their
-last batch, pipeline start-up included. The stage runs with the loader's defaults (policy threshold 0.5,
-every sample cut) on synthetic maps that erase more than real Grad-CAM maps do (about 59% of each crop;
-the trainer's demo erased 27% of a cut sample), and with the fused kernel `--kernel auto` picks.
+last batch, pipeline start-up included. Candidates: the DALI train view as the loader builds it (on a CPU:
+DALI decodes the crop, the host resizes and normalises), a GutoutLoader over it (the cut fused into that
+normalising pass) with the loader's defaults (policy threshold 0.5, every sample cut) on synthetic maps that
+erase more than real Grad-CAM maps do (about 59% of each crop; the trainer's demo erased 27% of a cut
+sample), torchvision with the same augmentation + RandomErasing, and for reference the all-DALI graph
+(`cpu_resize="dali"`: DALI's own CPU resize and normalisation).
 Reports the median images/s over the rounds, and the goal ratios
 (issue 3: DALI + Gutout >= 1.8x torchvision and >= 0.97x DALI alone) as medians of per-round ratios.
 Each round also says how many cores other processes used meanwhile: on 2 cores, any of it spoils the run.

@@ -1,7 +1,9 @@
 """The Numba code of `gutout.cpu_kernel`, in its own module so that importing gutout never imports Numba.
 
-Everything here is float32 arithmetic written in the order `gutout.warp.interp_taps` uses; see
-`gutout.cpu_kernel` for why erased spans can be found without visiting every pixel.
+Everything here is float32 arithmetic: the taps exactly as `gutout.warp.interp_taps` computes them; the
+bilinear blend vertical first (one blended map row per output row, reused along it), where torch and the
+CuPy kernel blend horizontally first, so values can differ in the last bit and decisions only at a threshold
+tie. See `gutout.cpu_kernel` for why erased spans can be found without visiting every pixel.
 """
 
 from __future__ import annotations

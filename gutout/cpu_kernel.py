@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from .cut import CutPlan
+from .normalise import affine, check_pair
 
 
 @functools.lru_cache(maxsize=1)
@@ -48,6 +49,8 @@ def why_unsupported(images: torch.Tensor) -> str | None:
     """None when the kernel can run on `images`, else the reason in words."""
     if images.device.type != "cpu":
         return f"images are on {images.device}, not the CPU"
+    if images.requires_grad and torch.is_grad_enabled():
+        return "images require grad (the kernel writes through NumPy, outside autograd)"
     if images.dtype != torch.float32:
         return f"dtype {images.dtype} (the CPU kernel handles float32)"
     if images.dim() != 4 or not (images.is_contiguous() or images.is_contiguous(memory_format=torch.channels_last)):
@@ -84,14 +87,13 @@ def normalise_and_cut_numba(
     `source` (B, C, H, W) uint8, contiguous; `out` float32, same shape; `mean`/`std` per channel in the
     source's units. No plan: normalise only. Returns (out, erased fraction (B,)).
     """
+    check_pair(source, out)  # the kernel does not bounds-check: a mismatch must not reach it
     B = source.shape[0]
     if plan is None:
         nothing = torch.zeros(B, dtype=torch.int32)  # MODE_NONE everywhere
         plan = CutPlan(mode=nothing, tau=torch.zeros(B), box=torch.zeros(B, 4, dtype=torch.int32), noise_seed=0)
         windows, flips = torch.zeros(B, 4), torch.zeros(B, dtype=torch.bool)
-    std = torch.as_tensor(std, dtype=torch.float64)
-    scale = (1.0 / std).to(torch.float32)  # (C,): x * scale + bias == (x - mean) / std up to float rounding
-    bias = (-torch.as_tensor(mean, dtype=torch.float64) / std).to(torch.float32)
+    scale, bias = affine(mean, std)  # x * scale + bias, the arithmetic every normalising path shares
     return _run(out, plan, maps, windows, flips, fill, (source.contiguous(), scale, bias))
 
 
@@ -99,6 +101,7 @@ def _run(images, plan, maps, windows, flips, fill, normalise) -> tuple[torch.Ten
     B, C, H, W = images.shape
     if maps is None:  # box-only plans never read the map; give the kernel a valid array anyway
         maps = torch.zeros(B, 1, 1)
+    maps, windows, flips = (t.detach().cpu() for t in (maps, windows, flips))
     saliency = plan.saliency if plan.saliency is not None else torch.zeros(0, 1, 1)
     source, scale, bias = normalise or (torch.zeros(0, 1, 1, 1, dtype=torch.uint8), torch.zeros(C), torch.zeros(C))
     erased = np.zeros(B, dtype=np.int64)
@@ -107,7 +110,7 @@ def _run(images, plan, maps, windows, flips, fill, normalise) -> tuple[torch.Ten
         np.array(images.shape, dtype=np.int64),
         np.array(images.stride(), dtype=np.int64),
         maps.to(torch.float32).contiguous().numpy(),
-        saliency.to(torch.float32).contiguous().numpy(),
+        saliency.detach().to(torch.float32).contiguous().numpy(),
         windows.to(torch.float32).contiguous().numpy(),
         flips.to(torch.uint8).contiguous().numpy(),
         plan.mode.to(torch.int32).numpy(),
@@ -122,6 +125,7 @@ def _run(images, plan, maps, windows, flips, fill, normalise) -> tuple[torch.Ten
         scale.numpy(),
         bias.numpy(),
     )
+    torch.autograd.graph.increment_version(images)  # written in place, as a torch in-place op would mark it
     return images, torch.from_numpy(erased).float() / (H * W)
 
 

@@ -280,7 +280,8 @@ def apply_plan_torch(
     return images, erase.mean(dim=(1, 2))
 
 
-def _check_inputs(images, maps, windows, flips, config: CutConfig) -> None:
+def check_inputs(images, maps, windows, flips, config: CutConfig) -> None:
+    """The shapes `cut` needs, each mismatch an error that names the argument and both shapes."""
     if images.dim() != 4:
         raise ValueError(f"cut: images must be (B, C, H, W), got shape {tuple(images.shape)}")
     if not images.is_floating_point():
@@ -337,7 +338,7 @@ def cut(
     if config is None or overrides:
         config = from_mapping(CutConfig, None if config is None else dataclasses.asdict(config), **overrides)
     B, _, H, W = images.shape if images.dim() == 4 else (0, 0, 0, 0)
-    _check_inputs(images, maps, windows, flips, config)
+    check_inputs(images, maps, windows, flips, config)
     if windows is None:  # box-only policies don't need windows; give the plan full-frame ones
         windows = torch.tensor([[0.0, 0.0, 1.0, 1.0]], device=images.device).expand(B, 4)
         flips = torch.zeros(B, dtype=torch.bool, device=images.device)

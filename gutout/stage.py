@@ -10,7 +10,8 @@ import torch
 
 from .cache import PEER_RULES, SaliencyCache
 from .config import ConfigError, check_choice, from_mapping
-from .cut import CutConfig, cut, plan_cuts, resolve_kernel
+from .cut import CutConfig, check_inputs, cut, plan_cuts, resolve_kernel
+from .normalise import check_pair, normalise_uint8
 
 
 @dataclass(frozen=True)
@@ -108,25 +109,28 @@ class GutoutStage:
         flips: torch.Tensor,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """`out` = the cut of (uint8 `source` - mean) / std: the same batch, draws and statistics as
-        normalising first and then calling the stage, in one pass where the fused CPU kernel runs.
+        """`out` = the cut of (uint8 `source` - mean) / std: the same batch (to the bit), draws and statistics
+        as `normalise_uint8` and then the stage, in one pass where the fused CPU kernel runs.
 
         For loaders that normalise on the host (`source` (B, C, H, W) uint8, `mean`/`std` (C,) in its units):
         the cut's stores then land on samples that are still in cache instead of costing a pass of their own.
         """
-        if not (self._fuses(out) and source.dtype == torch.uint8):
-            mean, std = (torch.as_tensor(v, dtype=out.dtype).view(-1, 1, 1) for v in (mean, std))
-            torch.sub(source, mean, out=out).div_(std)
-            return self(out, indices, windows, flips, generator)
+        cfg = self.config.cut
+        if cfg.policy != "none" and not self._fuses(out):  # the plain path, with the same arithmetic
+            return self(normalise_uint8(source, out, mean, std), indices, windows, flips, generator)
         from .cpu_kernel import normalise_and_cut_numba
 
-        cfg = self.config.cut
         if cfg.policy == "none":  # as `cut` does: no draws, nothing erased
-            out, erased = normalise_and_cut_numba(source, out, mean, std, None, None, None, None, cfg.fill)
+            out = normalise_uint8(source, out, mean, std)
+            erased = torch.zeros(out.shape[0])
         else:
+            check_pair(source, out)
+            windows, flips = windows.to(out.device), flips.to(out.device)
             maps = valid = None
             if cfg.needs_maps:
                 maps, valid = self.cache.lookup(self.config.peers, indices, member=self.member, generator=generator)
+                maps = maps.to(out.device)  # the cache may live on another device than this CPU batch
+            check_inputs(out, maps, windows, flips, cfg)
             plan = plan_cuts(maps, valid, windows, flips, tuple(out.shape[-2:]), cfg, generator)
             out, erased = normalise_and_cut_numba(source, out, mean, std, plan, maps, windows, flips, cfg.fill)
         self.stats.add(erased)

@@ -19,6 +19,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from gutout.normalise import normalise_uint8
+
 # A stage's `normalise_and_cut`: (source uint8 (n, C, S, S), out float32, mean (C,), std (C,), indices, windows,
 # flips) -> out, normalised and cut; mean and std in uint8 pixel units.
 Finisher = Callable[..., torch.Tensor]
@@ -29,12 +31,15 @@ class OutputPool:
 
     A fresh 38 MB batch per step costs ~9400 page faults, 15 ms on this project's CPU machines (more than the
     normalise pass it holds); DALI avoids this with its own pool. A buffer is reused only when its storage's
-    use count says that no tensor but the pool's own holds it, so a batch the caller keeps is never
-    overwritten. Where that count cannot be read (it is torch-internal) every batch is fresh.
+    use count says that no tensor in this process but the pool's own holds it, and never once its storage
+    has been moved to shared memory (sent to another process, which the count cannot see). So a batch the
+    caller keeps, or a view of it, is never overwritten; code that keeps raw pointers to the memory is on its
+    own. Where the count cannot be read (it is torch-internal) every batch is fresh. One consumer at a time:
+    a source is iterated by one thread, as DALI pipelines are.
     """
 
     def __init__(self, capacity: int = 4):
-        self.capacity = capacity  # buffers kept per shape (an epoch's last, partial batch has its own)
+        self.capacity = max(1, capacity)  # buffers kept per shape (an epoch's last, partial batch has its own)
         self.buffers: dict[tuple[int, ...], list[torch.Tensor]] = {}
         self.enabled = _use_count_works()
 
@@ -44,12 +49,13 @@ class OutputPool:
         if not self.enabled:
             return torch.empty(shape, dtype=torch.float32)
         kept = self.buffers.setdefault(shape, [])
+        kept[:] = [b for b in kept if not b.untyped_storage().is_shared()]  # another process may read those
         for buffer in kept:
             if _storage_users(buffer) == 1:
                 return buffer.view(shape)
         buffer = torch.empty(shape, dtype=torch.float32)
         kept.append(buffer)
-        del kept[: -self.capacity]  # held ones past the capacity stay the caller's, as fresh tensors would
+        del kept[: max(len(kept) - self.capacity, 0)]  # held ones past the capacity stay the caller's
         return buffer.view(shape)
 
 
@@ -99,13 +105,4 @@ class HostFinish:
         return self.pool.take(shape)
 
     def normalise(self, resized: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        return normalise_into(resized, out, self.mean, self.std)
-
-
-def normalise_into(source: torch.Tensor, out: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """out = (uint8 source - mean) / std, per channel; the fused CPU kernel where it runs (one pass)."""
-    from gutout import cpu_kernel
-
-    if cpu_kernel.supports(out):
-        return cpu_kernel.normalise_and_cut_numba(source, out, mean, std, None, None, None, None, 0.0)[0]
-    return torch.sub(source, mean.view(-1, 1, 1), out=out).div_(std.view(-1, 1, 1))
+        return normalise_uint8(resized, out, self.mean, self.std)

@@ -117,3 +117,20 @@ def test_views_into_a_larger_batch_are_cut_in_place_and_alone():
     cut(part, maps, windows, torch.zeros(3, dtype=torch.bool), threshold=0.2, inplace=True, kernel="numba")
     assert torch.equal(whole[:2], before[:2]) and torch.equal(whole[5:], before[5:])
     assert int((whole[2:5] != ref).any(1).sum()) <= 2
+
+
+def test_tensors_that_track_gradients_take_the_reference():
+    """The kernel writes through NumPy, outside autograd: such batches go to torch, which records the write."""
+    g = torch.Generator().manual_seed(7)
+    images = torch.randn(2, 3, 8, 8, generator=g, requires_grad=True)
+    maps, windows, flips = torch.rand(2, 7, 7, generator=g), random_windows(2, g), torch.zeros(2, dtype=torch.bool)
+    assert resolve_kernel(images, CutConfig()) == "torch"
+    out, _ = cut(images, maps, windows, flips, threshold=0.3)
+    out.sum().backward()  # the reference's cut is differentiable
+    assert images.grad is not None
+    with torch.no_grad():
+        assert resolve_kernel(images, CutConfig()) == "numba"
+    version = images.detach()._version
+    with torch.no_grad():
+        cut(images.detach(), maps, windows, flips, threshold=0.3, inplace=True, kernel="numba")
+    assert images.detach()._version > version  # an in-place write autograd can see

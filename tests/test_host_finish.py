@@ -4,9 +4,10 @@ stay intact while held, and the cut fused into the normalising pass giving the v
 import pytest
 import torch
 
-from gutout import GutoutStage, SaliencyCache, StageConfig
+from gutout import GutoutStage, SaliencyCache, StageConfig, cpu_kernel
+from gutout.normalise import normalise_uint8
 from gutout.pipelines import GutoutLoader
-from gutout.pipelines.host_finish import OutputPool, normalise_into
+from gutout.pipelines.host_finish import OutputPool
 from tests.conftest import KERNEL_CASES, random_windows
 
 pytest.importorskip("nvidia.dali")
@@ -30,6 +31,33 @@ def test_pool_reuses_only_batches_nobody_holds():
     assert second.data_ptr() != ptr and third.data_ptr() != ptr
     pool.take((1, 3, 4, 4))  # an epoch's partial last batch keeps its own buffers...
     assert pool.take(shape).data_ptr() == ptr  # ...and does not evict the full-size ones
+
+
+def test_pool_never_reuses_a_batch_moved_to_shared_memory():
+    """Sent to another process (a queue, a DataLoader worker), a batch's storage moves to shared memory; the
+    other side's mapping is invisible to the use count, so that buffer must leave the pool."""
+    pool = OutputPool(capacity=2)
+    batch = pool.take((2, 3))
+    ptr = batch.data_ptr()
+    batch.share_memory_()  # what torch.multiprocessing does when the batch is put on a queue
+    del batch
+    assert pool.take((2, 3)).data_ptr() != ptr
+
+
+def test_both_normalising_paths_give_the_same_bits(monkeypatch):
+    g = torch.Generator().manual_seed(8)
+    source = torch.randint(0, 256, (3, 3, 9, 11), dtype=torch.uint8, generator=g)
+    mean, std = torch.tensor([123.7, 116.3, 103.5]), torch.tensor([58.4, 57.1, 57.4])
+    fused = normalise_uint8(source, torch.empty(3, 3, 9, 11), mean, std)
+    monkeypatch.setattr(cpu_kernel, "_numba", lambda: None)  # the torch path
+    plain = normalise_uint8(source, torch.empty(3, 3, 9, 11), mean, std)
+    assert torch.equal(fused, plain)
+    expected = (source.double() - mean.double().view(-1, 1, 1)) / std.double().view(-1, 1, 1)
+    assert float((fused.double() - expected).abs().max()) < 1e-5
+    with pytest.raises(ValueError, match="out must be float32 of the source's shape"):
+        normalise_uint8(source, torch.empty(2, 3, 9, 11), mean, std)
+    with pytest.raises(ValueError, match="source must be uint8"):
+        normalise_uint8(source.float(), torch.empty(3, 3, 9, 11), mean, std)
 
 
 @pytest.fixture
@@ -70,13 +98,16 @@ def test_host_resize_matches_dalis_own(photo_folder):
         assert float((a.images - b.images).abs().max()) < 0.3
 
 
-def test_fused_cut_gives_the_batches_of_normalising_then_cutting(photo_folder):
+@pytest.mark.parametrize("kernel", ["auto", "torch"])
+def test_fused_cut_gives_the_batches_of_normalising_then_cutting(photo_folder, kernel):
     """GutoutLoader fuses the cut into the host's normalising pass; the source + stage path, unfused, must
-    give the same pixels, draws and statistics, epoch after epoch, with the batches held all along."""
+    give the same pixels, draws and statistics, epoch after epoch, with the batches held all along (and with
+    the torch kernel, which cannot fuse, the same batches too)."""
     cache = maps_cache(12)
-    loader = loader_for(photo_folder, cache, p=0.7)
+    loader = loader_for(photo_folder, cache, p=0.7, kernel=kernel)
     assert loader.source.fuses_cut
-    stage = GutoutStage(StageConfig.from_flat(policy="threshold", threshold=0.4, p=0.7, peers="self"), cache)
+    options = dict(policy="threshold", threshold=0.4, p=0.7, peers="self", kernel=kernel)
+    stage = GutoutStage(StageConfig.from_flat(options), cache)
     for epoch in range(2):
         loader.set_epoch(epoch)
         fused = list(loader.batches())  # all held: a pool that reused a held batch would corrupt the earlier ones
@@ -106,7 +137,7 @@ def test_stage_normalise_and_cut_equals_both_unfused_paths(case):
         if name == "fused":
             out = stage.normalise_and_cut(source, torch.empty(B, 3, H, W), mean, std, indices, windows, flips, seeded)
         else:
-            normalised = normalise_into(source, torch.empty(B, 3, H, W), mean, std)
+            normalised = normalise_uint8(source, torch.empty(B, 3, H, W), mean, std)
             out = stage(normalised, indices, windows, flips, seeded)
         results[name] = (out, stage.stats.mean)
     assert torch.equal(results["fused"][0], results["numba"][0])  # same arithmetic, same spans: identical

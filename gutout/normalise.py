@@ -1,0 +1,41 @@
+"""Normalising uint8 pixels into float32, one arithmetic for every path.
+
+`(x - mean) / std` is computed as `x * scale + bias` with float32 `scale = 1 / std` and `bias = -mean / std`
+(both from float64): the fused CPU kernel does exactly this per pixel, and so does the torch fallback, so
+a batch normalised on either path, cut or not, is the same to the bit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def affine(mean, std) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, bias), each (C,) float32, with x * scale + bias == (x - mean) / std up to float rounding."""
+    std = torch.as_tensor(std, dtype=torch.float64)
+    scale = (1.0 / std).to(torch.float32)
+    bias = (-torch.as_tensor(mean, dtype=torch.float64) / std).to(torch.float32)
+    return scale, bias
+
+
+def check_pair(source: torch.Tensor, out: torch.Tensor) -> None:
+    """`source` uint8 and `out` float32, both (B, C, H, W) of one shape: anything else is an error naming it."""
+    if source.dtype != torch.uint8 or source.dim() != 4:
+        raise ValueError(f"normalise: source must be uint8 (B, C, H, W), got {source.dtype} {tuple(source.shape)}")
+    if out.dtype != torch.float32 or tuple(out.shape) != tuple(source.shape):
+        raise ValueError(f"normalise: out must be float32 of the source's shape {tuple(source.shape)}, "
+                         f"got {out.dtype} {tuple(out.shape)}")  # fmt: skip
+
+
+def normalise_uint8(source: torch.Tensor, out: torch.Tensor, mean, std) -> torch.Tensor:
+    """out = (uint8 `source` - mean) / std per channel (mean/std in the source's units); returns `out`.
+
+    The fused CPU kernel (one pass) where it runs, else torch with the same arithmetic.
+    """
+    check_pair(source, out)
+    from . import cpu_kernel
+
+    if cpu_kernel.supports(out):
+        return cpu_kernel.normalise_and_cut_numba(source, out, mean, std, None, None, None, None, 0.0)[0]
+    scale, bias = affine(mean, std)
+    return torch.mul(source, scale.view(-1, 1, 1), out=out).add_(bias.view(-1, 1, 1))

@@ -345,7 +345,6 @@ def main() -> None:
     if args.arrays:
         array_backends(args.rounds, batch=256, cut=cut)
         return
-    stage = make_stage(len(dataset), cut)
     stats = []
     candidates = {
         "dali": dali_epochs(dataset, config),
@@ -376,7 +375,7 @@ def main() -> None:
     check_idle("after the run")
     if args.profile:
         print("\nthe stage alone, on stored DALI batches:")
-        profile_stage(dataset, config, stage, repeats=20)
+        profile_stage(dataset, config, make_stage(len(dataset), cut), repeats=20)
 
 
 if __name__ == "__main__":

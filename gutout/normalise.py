@@ -32,10 +32,10 @@ def normalise_uint8(source: torch.Tensor, out: torch.Tensor, mean, std) -> torch
 
     The fused CPU kernel (one pass) where it runs, else torch with the same arithmetic.
     """
-    check_pair(source, out)
     from . import cpu_kernel
 
-    if cpu_kernel.supports(out):
+    if cpu_kernel.supports(out):  # it checks the pair itself
         return cpu_kernel.normalise_and_cut_numba(source, out, mean, std, None, None, None, None, 0.0)[0]
+    check_pair(source, out)
     scale, bias = affine(mean, std)
     return torch.mul(source, scale.view(-1, 1, 1), out=out).add_(bias.view(-1, 1, 1))

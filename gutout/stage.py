@@ -11,7 +11,7 @@ import torch
 from .cache import PEER_RULES, SaliencyCache
 from .config import ConfigError, check_choice, from_mapping
 from .cut import CutConfig, check_inputs, cut, plan_cuts, resolve_kernel
-from .normalise import check_pair, normalise_uint8
+from .normalise import normalise_uint8
 
 
 @dataclass(frozen=True)
@@ -116,23 +116,18 @@ class GutoutStage:
         the cut's stores then land on samples that are still in cache instead of costing a pass of their own.
         """
         cfg = self.config.cut
-        if cfg.policy != "none" and not self._fuses(out):  # the plain path, with the same arithmetic
+        if cfg.policy == "none" or not self._fuses(out):  # the plain path, with the same arithmetic
             return self(normalise_uint8(source, out, mean, std), indices, windows, flips, generator)
         from .cpu_kernel import normalise_and_cut_numba
 
-        if cfg.policy == "none":  # as `cut` does: no draws, nothing erased
-            out = normalise_uint8(source, out, mean, std)
-            erased = torch.zeros(out.shape[0])
-        else:
-            check_pair(source, out)
-            windows, flips = windows.to(out.device), flips.to(out.device)
-            maps = valid = None
-            if cfg.needs_maps:
-                maps, valid = self.cache.lookup(self.config.peers, indices, member=self.member, generator=generator)
-                maps = maps.to(out.device)  # the cache may live on another device than this CPU batch
-            check_inputs(out, maps, windows, flips, cfg)
-            plan = plan_cuts(maps, valid, windows, flips, tuple(out.shape[-2:]), cfg, generator)
-            out, erased = normalise_and_cut_numba(source, out, mean, std, plan, maps, windows, flips, cfg.fill)
+        windows, flips = windows.to(out.device), flips.to(out.device)
+        maps = valid = None
+        if cfg.needs_maps:
+            maps, valid = self.cache.lookup(self.config.peers, indices, member=self.member, generator=generator)
+            maps = maps.to(out.device)  # the cache may live on another device than this CPU batch
+        check_inputs(out, maps, windows, flips, cfg)
+        plan = plan_cuts(maps, valid, windows, flips, tuple(out.shape[-2:]), cfg, generator)
+        out, erased = normalise_and_cut_numba(source, out, mean, std, plan, maps, windows, flips, cfg.fill)
         self.stats.add(erased)
         return out
 

@@ -23,6 +23,23 @@ class Batch(NamedTuple):
     flips: torch.Tensor  # (B,) bool, horizontal flip applied after the crop
 
 
+class ShardedSource:
+    """What every backend's BatchSource shares: this process's shard of the dataset, `len()` batches per epoch
+    (the last one partial), and the epoch that seeds the order and the augmentation."""
+
+    def __init__(self, samples: int, view: str, config: LoaderConfig):
+        self.view, self.config = view, config
+        start, stop = shard_range(samples, config.shard_id, config.num_shards)
+        self.shard = torch.arange(start, stop)  # (n,) int64 dataset positions this process reads
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return batches_per_epoch(self.shard.numel(), self.config.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+
 class BatchSource(Protocol):
     """A backend's iterable over one view of one dataset shard, `len()` batches per epoch."""
 

@@ -28,7 +28,7 @@ import torch
 
 from gutout.config import ConfigError, check_choice
 
-from .batch import VIEWS, Batch, LoaderConfig, batches_per_epoch, epoch_order, shard_range
+from .batch import VIEWS, Batch, LoaderConfig, ShardedSource, epoch_order
 from .datasets import ArrayDataset, DatasetError, FolderDataset, check_images
 from .host_finish import Finisher, HostFinish
 from .normalise import resolve_stats
@@ -74,27 +74,19 @@ def _dali_reason(err: Exception) -> str:
 # -- the epoch loop both sources share ------------------------------------------------------------------
 
 
-class _DaliSource:
+class _DaliSource(ShardedSource):
     """One view of one dataset shard as a `BatchSource`: `len()` batches per epoch, the last one partial."""
 
     fuses_cut = False  # True where batches are normalised on the host, so `run_epoch(finish)` can cut in that pass
 
     def __init__(self, dataset: FolderDataset | ArrayDataset, view: str, config: LoaderConfig):
         check_choice("dali source", "view", view, VIEWS)
-        self.dataset, self.view, self.config = dataset, view, config
+        super().__init__(len(dataset), view, config)
+        self.dataset = dataset
         self.device, self.device_id = dali_device(config)
         self.mean, self.std = resolve_stats(dataset, config)  # [0, 1] units, as every backend resolves them
-        start, stop = shard_range(len(dataset), config.shard_id, config.num_shards)
-        self.shard = torch.arange(start, stop)  # (n,) int64 dataset positions this process reads
-        self.epoch = 0
         self.labels = dataset.labels.to(self.device)
         self.out_dtype = torch.float16 if (config.half and self.device.type == "cuda") else torch.float32
-
-    def __len__(self) -> int:
-        return batches_per_epoch(self.shard.numel(), self.config.batch_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
 
     def epoch_order(self) -> torch.Tensor:
         """This epoch's sample order (n,) int64: a seeded permutation of the shard for `train`."""

@@ -12,35 +12,26 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from .batch import Batch, LoaderConfig, batches_per_epoch, epoch_order, shard_range
+from .batch import Batch, LoaderConfig, ShardedSource, epoch_order
 from .datasets import ArrayDataset, DatasetError
 from .normalise import resolve_stats
 
 
-class TensorArraySource:
+class TensorArraySource(ShardedSource):
     def __init__(self, dataset: ArrayDataset, view: str, config: LoaderConfig):
         if not isinstance(dataset, ArrayDataset):
             raise DatasetError(
                 f"the tensor backend holds the dataset in memory and takes arrays, got {type(dataset).__name__}; "
                 "use backend='dali' or 'torch' for image folders"
             )
-        self.view, self.config = view, config
+        super().__init__(len(dataset), view, config)
         self.device = torch.device(config.device)
         self.images = dataset.images.permute(0, 3, 1, 2).contiguous().to(self.device)  # (N, C, H, W) uint8
         self.labels = dataset.labels.to(self.device)
-        start, stop = shard_range(len(dataset), config.shard_id, config.num_shards)
-        self.shard = torch.arange(start, stop)
         mean, std = resolve_stats(dataset, config)
         self.mean = torch.tensor(mean, device=self.device).view(1, -1, 1, 1) * 255  # uint8 units
         self.std = torch.tensor(std, device=self.device).view(1, -1, 1, 1) * 255
         self.dtype = torch.float16 if config.half and self.device.type == "cuda" else torch.float32
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return batches_per_epoch(len(self.shard), self.config.batch_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __iter__(self) -> Iterator[Batch]:
         generator = torch.Generator().manual_seed(self.config.epoch_seed(self.epoch))

@@ -13,7 +13,7 @@ import torch
 import torch.utils.data
 from torchvision.transforms.v2 import functional as TF
 
-from .batch import Batch, LoaderConfig, batches_per_epoch, epoch_order, shard_range
+from .batch import Batch, LoaderConfig, ShardedSource, epoch_order
 from .datasets import ArrayDataset, DatasetError, FolderDataset
 from .normalise import resolve_stats
 
@@ -106,20 +106,11 @@ class _Samples(torch.utils.data.Dataset):
         return image, int(self.dataset.labels[index]), index, torch.tensor(window, dtype=torch.float32), flip
 
 
-class TorchSource:
+class TorchSource(ShardedSource):
     def __init__(self, dataset: ArrayDataset | FolderDataset, view: str, config: LoaderConfig):
+        super().__init__(len(dataset), view, config)
         self.samples = _Samples(dataset, view, config)
-        self.view, self.config = view, config
-        start, stop = shard_range(len(dataset), config.shard_id, config.num_shards)
-        self.shard = torch.arange(start, stop)
         self.device = torch.device(config.device)
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return batches_per_epoch(len(self.shard), self.config.batch_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __iter__(self) -> Iterator[Batch]:
         seed = self.config.epoch_seed(self.epoch)

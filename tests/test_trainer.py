@@ -11,6 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from gutout.config import ConfigError
 from gutout.train.cli import main
 from gutout.train.config import TrainConfig, make_config
 from gutout.train.trainer import NonFiniteLoss, Trainer
@@ -161,3 +162,22 @@ def test_compare_runs_each_configuration_once_and_writes_results(data, tmp_path)
     assert again.exit_code == 0 and again.output.count("done already") == 6
     bad = CliRunner().invoke(main, [*args[:5], "mixup", *args[6:]])
     assert bad.exit_code != 0 and "unknown comparison run 'mixup'" in bad.output
+    other = CliRunner().invoke(main, [*args, "--p", "0.9"])  # same run names, another configuration
+    assert other.exit_code != 0 and "fashion-mnist-none-k1-s0 holds a run of another configuration" in other.output
+    assert "p=0.5 there, 0.9 here" in other.output
+
+
+def test_gutout_area_matches_cutouts_measured_erased_area():
+    from gutout.cut import CutConfig, plan_cuts
+    from gutout.train.compare import CUTOUT_SIZE, cutout_erased_fraction, run_overrides
+
+    side = CUTOUT_SIZE["fashion-mnist"]
+    area = run_overrides("gutout-area", "fashion-mnist")["area"]
+    assert area == cutout_erased_fraction(side) == pytest.approx(0.4375**2)
+    plan = plan_cuts(None, None, torch.zeros(20000, 4), None, (28, 28), CutConfig(policy="cutout", size=side, p=1.0),
+                     torch.Generator().manual_seed(0))  # fmt: skip
+    box = plan.box.long()
+    erased = ((box[:, 2] - box[:, 0]) * (box[:, 3] - box[:, 1])).float().mean() / 28**2
+    assert float(erased) == pytest.approx(area, rel=0.02)
+    with pytest.raises(ConfigError, match="Cutout side 1.5"):
+        cutout_erased_fraction(1.5)

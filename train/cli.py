@@ -151,7 +151,7 @@ DEFAULT_RUNS = "none,cutout,random-erasing,gutout-threshold,gutout-area,gutout-b
 def compare(dataset, runs, seeds, config_file, time_budget, **options):
     """Train each configuration with each seed (finished runs are not repeated), write results.md/.png."""
     from .compare import run_all, run_overrides, summarise, write_results
-    from .trainer import tqdm_progress
+    from .trainer import NonFiniteLoss, ResumeMismatch, tqdm_progress
 
     run_names = [r.strip() for r in runs.split(",") if r.strip()]
     try:
@@ -161,7 +161,7 @@ def compare(dataset, runs, seeds, config_file, time_budget, **options):
         base = make_config(file_values, dataset=dataset, **options)
         results = run_all(base, run_names, list(range(seeds)), log=click.echo, progress=tqdm_progress(base.progress),
                           time_budget=time_budget)  # fmt: skip
-    except (ConfigError, ValueError) as err:
+    except (ConfigError, ResumeMismatch, NonFiniteLoss, ValueError) as err:
         _fail(str(err))
     command = "gutout compare " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["compare"] else "gutout compare"
     path = write_results(summarise(results, base.ensemble), base, Path(base.out), command)

@@ -1,8 +1,8 @@
 """`gutout compare`: every configuration x every seed, sequentially and resumably; then results.md/.png.
 
 Each configuration is a set of TrainConfig overrides. Cutout uses the paper's square for the dataset; Random
-Erasing uses torchvision's RandomErasing semantics through the same stage; `gutout-area` erases Cutout's
-nominal area, so the two compare at matched erased area.
+Erasing uses torchvision's RandomErasing semantics through the same stage; `gutout-area` erases the area
+Cutout's square covers on average (clipped at the border), so the two compare at matched erased area.
 """
 
 from __future__ import annotations
@@ -25,6 +25,18 @@ from .config import TrainConfig
 CUTOUT_SIZE = {"cifar10": 0.5, "cifar100": 0.25, "fashion-mnist": 0.5, "imagenet": 0.5, "folder": 0.5}
 
 
+def cutout_erased_fraction(side: float) -> float:
+    """Expected fraction of the crop that a Cutout square of `side` (fraction of the crop side) covers.
+
+    The centre is uniform over the crop and the square is clipped at the border, so along each axis it loses
+    side²/8 on average at either end: side - side²/4 per axis (0.4375 for side 0.5, an area of 0.191 rather
+    than the nominal 0.25).
+    """
+    if not 0 < side <= 1:
+        raise ConfigError(f"Cutout side {side!r} must lie in (0, 1]")
+    return (side - side * side / 4) ** 2
+
+
 def run_overrides(run: str, dataset: str) -> dict[str, Any]:
     size = CUTOUT_SIZE[dataset]
     table = {
@@ -32,7 +44,7 @@ def run_overrides(run: str, dataset: str) -> dict[str, Any]:
         "cutout": dict(policy="cutout", size=size),
         "random-erasing": dict(policy="erasing"),
         "gutout-threshold": dict(policy="threshold"),
-        "gutout-area": dict(policy="area", area=size * size),  # matched to Cutout's nominal area
+        "gutout-area": dict(policy="area", area=cutout_erased_fraction(size)),  # Cutout's erased area
         "gutout-box": dict(policy="box", size=size),
     }
     if run not in table:
@@ -46,8 +58,25 @@ def run_config(base: TrainConfig, run: str, seed: int) -> TrainConfig:
     return dataclasses.replace(base, **overrides, seed=seed, name=name)
 
 
+def check_same_run(cfg: TrainConfig) -> None:
+    """Refuse a run directory that holds another configuration's run, rather than report or resume it."""
+    import yaml
+
+    path = cfg.run_dir / "config.yaml"
+    if not path.exists():
+        return
+    saved = yaml.safe_load(path.read_text()) or {}
+    saved["milestones"] = tuple(saved.get("milestones") or ())
+    mine = cfg.identity()
+    diffs = [f"{k}={saved.get(k)!r} there, {mine[k]!r} here" for k in sorted(mine) if saved.get(k) != mine[k]]
+    if diffs:
+        raise ConfigError(f"{cfg.run_dir} holds a run of another configuration ({'; '.join(diffs)}); "
+                          "pass another --out, or move that run directory away")  # fmt: skip
+
+
 def finished(cfg: TrainConfig) -> dict | None:
     """The final metrics record of a completed run, or None."""
+    check_same_run(cfg)
     path = cfg.run_dir / "metrics.jsonl"
     if not path.exists():
         return None

@@ -118,6 +118,10 @@ class SaliencyCache:
         self._pending_maps[members, indices] = maps.to(device=self.device, dtype=torch.float16)
         self._pending_valid[members, indices] = True
 
+    def mark_synced(self) -> None:
+        """Every process has this process's pending entries now (all-gathered, not yet published)."""
+        self._dirty.zero_()
+
     def publish(self, epoch: int | None = None) -> None:
         """Make everything written so far visible to readers, at once."""
         self.maps.copy_(self._pending_maps)

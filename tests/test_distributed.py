@@ -118,3 +118,16 @@ def test_a_killed_rank_restarts_and_resumes(data, tmp_path):
     assert proc.returncode == 0, "\n".join(line for line in output.splitlines() if not line.startswith("W1128"))[-6000:]
     assert "resuming" in output
     assert [r["epoch"] for r in metrics(run)] == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_harvest_on_two_ranks_checkpoints_every_ranks_maps(data, tmp_path):
+    # One member trained by a DDP group of two ranks, each harvesting its shard; a refresh only every second
+    # epoch, so the last two epochs' maps stay unpublished: the checkpoint (rank 0's) must still hold both shards'.
+    args = common(data, tmp_path, "--subset", "256", "--epochs", "3", "--refresh", "harvest", "--refresh-every", "2",
+                  "--nproc", "2", "--name", "harvest")  # fmt: skip
+    run = gutout(*args)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    cache = torch.load(tmp_path / "harvest" / "checkpoint.pt", weights_only=False)["cache"]
+    rewritten = (cache["pending_maps"] != cache["maps"]).flatten(2).any(-1)  # (K, N): harvested after the publish
+    assert float(rewritten.float().mean()) > 0.99, float(rewritten.float().mean())

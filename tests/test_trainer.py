@@ -110,6 +110,76 @@ def test_resume_refuses_another_runs_checkpoint(data, tmp_path):
     assert result.exit_code != 0 and "policy: checkpoint has 'threshold', this run has 'area'" in result.output
     result = runner.invoke(main, base_args(data, tmp_path, "--epochs", "1", "--name", "r", "--wandb", "disabled"))
     assert result.exit_code != 0 and "--resume" in result.output
+    assert "policy: threshold" in (tmp_path / "r" / "config.yaml").read_text()  # the refusal changed nothing
+
+
+def test_default_named_run_resumes_shows_and_checks_its_samples(tmp_path):
+    data = fake_fashion_mnist(tmp_path / "data", n_train=256, n_test=64)
+    args = ["train", "fashion-mnist", "--data", str(data), "--out", str(tmp_path), "--batch-size", "32",
+            "--num-threads", "0", "--no-progress", "--wandb", "disabled", "--epochs", "1"]  # fmt: skip
+    runner = CliRunner()
+    assert runner.invoke(main, args).exit_code == 0
+    run = tmp_path / "fashion-mnist-k1-threshold-s0"
+    show = runner.invoke(main, ["show", str(run)])  # found by its directory name, saved with name None
+    assert show.exit_code == 0 and "samples.png" in show.output, show.output
+    fake_fashion_mnist(data, n_train=256, n_test=64, seed=1)  # same path and count, other samples
+    again = runner.invoke(main, [*args, "--resume"])
+    assert again.exit_code != 0 and "fingerprint: snapshot has" in again.output, again.output
+    assert "refusing to resume with maps of other samples" in again.output
+    fresh = runner.invoke(main, [*args, "--name", "typo", "--resume"])
+    assert fresh.exit_code == 0 and "holds no checkpoint yet; starting the run from epoch 0" in fresh.output
+    assert "not a gutout run directory" in runner.invoke(main, ["show", str(tmp_path)]).output
+
+
+def test_harvest_targets_the_prediction_with_target_pred(data, tmp_path):
+    from gutout import cam_from_activations, warp_to_canonical
+
+    cfg = TrainConfig(data=str(data), out=str(tmp_path), epochs=1, batch_size=32, wandb="disabled", num_threads=0,
+                      ensemble=2, refresh="harvest", target="pred", subset=64)  # fmt: skip
+    trainer = Trainer(cfg, log=lambda *a: None)
+    member = trainer.members[0]
+    batch = next(iter(member.loader.batches()))
+    activations = torch.rand(len(batch.labels), member.net.fc.in_features, *trainer.map_size)
+    logits = torch.zeros(len(batch.labels), 10)
+    logits[:, 3] = 1.0  # predicts class 3 everywhere; the labels vary
+    trainer._harvest(member, activations, logits, batch)
+    harvested = trainer.cache._pending_maps[0, batch.indices].float()
+
+    def harvest_of(targets):
+        cams = cam_from_activations(activations, member.net.fc.weight, targets)
+        maps, covered = warp_to_canonical(cams, batch.windows, batch.flips, trainer.map_size)
+        return torch.where(covered, maps, torch.zeros_like(maps))
+
+    assert torch.allclose(harvested, harvest_of(torch.full_like(batch.labels, 3)), atol=2e-3)  # float16 storage
+    assert not torch.allclose(harvested, harvest_of(batch.labels), atol=2e-3)
+
+
+def test_default_multistep_milestones_on_short_runs():
+    from types import SimpleNamespace
+
+    def factors(epochs):
+        cfg = SimpleNamespace(milestones=(), epochs=epochs, schedule="multistep", lr_decay=0.2)
+        factor = Trainer._lr_lambda(SimpleNamespace(cfg=cfg), total_steps=epochs * 10, steps_per_epoch=10)
+        return [round(factor(10 * e + 9), 6) for e in range(epochs)]  # each epoch's last step, after warm-up
+
+    assert factors(1) == [1.0]  # never decays at epoch 0
+    assert factors(3) == [1.0, 1.0, 0.2]  # one decay, not two at once
+    assert factors(4) == [1.0, 1.0, 0.2, 0.04]
+    assert factors(10) == [1.0] * 5 + [0.2] * 3 + [0.04] * 2
+
+
+def test_folder_splits_must_hold_the_same_classes(tmp_path):
+    from PIL import Image
+
+    from gutout.train.trainer import load_datasets
+
+    for split, classes in (("train", ("cat", "dog")), ("val", ("cat",))):
+        for cls in classes:
+            (tmp_path / split / cls).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / split / cls / "a.png")
+    cfg = TrainConfig(dataset="folder", data=str(tmp_path), backend="torch")
+    with pytest.raises(ConfigError, match=r"missing from val: \['dog'\]; only in val: none"):
+        load_datasets(cfg)
 
 
 def test_non_finite_loss_names_member_epoch_and_step(data, tmp_path):
@@ -162,6 +232,15 @@ def test_compare_runs_each_configuration_once_and_writes_results(data, tmp_path)
     assert again.exit_code == 0 and again.output.count("done already") == 6
     bad = CliRunner().invoke(main, [*args[:5], "mixup", *args[6:]])
     assert bad.exit_code != 0 and "unknown comparison run 'mixup'" in bad.output
+    nothing = CliRunner().invoke(main, [*args, "--time-budget", "0", "--runs", "random-erasing"])
+    assert nothing.exit_code != 0 and "no run finished" in nothing.output
+    config = tmp_path / "compare.yaml"
+    config.write_text("epochs: 1\nensemble: 2\n")  # a config file sets what compare's own defaults would
+    from_file = CliRunner().invoke(main, ["compare", "fashion-mnist", "--data", str(data), "--runs", "none", "--seeds",
+                                          "1", "--subset", "128", "--batch-size", "32", "--out", str(tmp_path / "f"),
+                                          "--config", str(config), "--no-progress"])  # fmt: skip
+    assert from_file.exit_code == 0, from_file.output
+    assert [r["epoch"] for r in read_metrics(tmp_path / "f" / "fashion-mnist-none-k2-s0")] == [0]
     other = CliRunner().invoke(main, [*args, "--p", "0.9"])  # same run names, another configuration
     assert other.exit_code != 0 and "fashion-mnist-none-k1-s0 holds a run of another configuration" in other.output
     assert "p=0.5 there, 0.9 here" in other.output

@@ -128,14 +128,16 @@ def launch(cfg, nproc: int, max_restarts: int) -> None:
 
 
 DEFAULT_RUNS = "none,cutout,random-erasing,gutout-threshold,gutout-area,gutout-box"
+# What `compare` changes from `train`'s defaults; a --config file overrides these, and options override both.
+COMPARE_DEFAULTS = {"epochs": 4, "ensemble": 1, "out": "runs/compare", "wandb": "disabled"}
 
 
 @main.command(context_settings={"show_default": True})
 @click.argument("dataset", type=click.Choice(DATASETS))
 @click.option("--runs", default=DEFAULT_RUNS, help="Comma-separated configurations to compare.")
 @click.option("--seeds", type=int, default=3, help="Seeds per configuration (0, 1, ...).")
-@click.option("--epochs", type=int, default=4)
-@click.option("--ensemble", type=int, default=1)
+@click.option("--epochs", type=int, help=f"Epochs per run (default {COMPARE_DEFAULTS['epochs']}).")
+@click.option("--ensemble", type=int, help=f"Members K per run (default {COMPARE_DEFAULTS['ensemble']}).")
 @click.option("--subset", type=int, help="Train on a fixed seeded subset of N samples.")
 @click.option("--data", type=click.Path())
 @click.option("--model", type=click.Choice(MODELS))
@@ -143,8 +145,14 @@ DEFAULT_RUNS = "none,cutout,random-erasing,gutout-threshold,gutout-area,gutout-b
 @click.option("--p", "p", type=float, help="Cut probability for every cutting policy (default: train's, 0.5).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--backend", type=click.Choice(["auto", "dali", "tensor", "torch"]))
-@click.option("--out", type=click.Path(), default="runs/compare", help="Folder of the runs and of results.md.")
-@click.option("--wandb", type=click.Choice(["offline", "online", "disabled"]), default="disabled")
+@click.option(
+    "--out", type=click.Path(), help=f"Folder of the runs and of results.md (default {COMPARE_DEFAULTS['out']})."
+)
+@click.option(
+    "--wandb",
+    type=click.Choice(["offline", "online", "disabled"]),
+    help=f"W&B mode (default {COMPARE_DEFAULTS['wandb']}).",
+)
 @click.option("--config", "config_file", type=click.Path(), help="YAML/TOML file of training options.")
 @click.option("--time-budget", type=float, help="Start no new run after this many seconds (results from the rest).")
 @click.option("--progress/--no-progress", default=None)
@@ -158,11 +166,13 @@ def compare(dataset, runs, seeds, config_file, time_budget, **options):
         for run in run_names:
             run_overrides(run, dataset)
         file_values = read_config_file(config_file) if config_file else {}
-        base = make_config(file_values, dataset=dataset, **options)
+        base = make_config({**COMPARE_DEFAULTS, **file_values}, dataset=dataset, **options)
         results = run_all(base, run_names, list(range(seeds)), log=click.echo, progress=tqdm_progress(base.progress),
                           time_budget=time_budget)  # fmt: skip
     except (ConfigError, ResumeMismatch, NonFiniteLoss, ValueError) as err:
         _fail(str(err))
+    if not results:
+        _fail("no run finished, so there is nothing to report (check --runs, --seeds and --time-budget)")
     command = "gutout compare " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["compare"] else "gutout compare"
     path = write_results(summarise(results, base.ensemble), base, Path(base.out), command)
     click.echo(path.read_text())
@@ -177,19 +187,21 @@ def show(run):
 
     import yaml
 
-    from .config import TrainConfig
-    from .trainer import Trainer
+    from .trainer import ResumeMismatch, Trainer
 
     run_dir = Path(run)
     try:
         values = yaml.safe_load((run_dir / "config.yaml").read_text())
-    except OSError as err:
+    except (OSError, yaml.YAMLError) as err:
         _fail(f"{run_dir} is not a gutout run directory ({err})")
-    cfg = dataclasses.replace(TrainConfig(**{**values, "milestones": tuple(values.get("milestones") or ())}),
-                              out=str(run_dir.parent), name=run_dir.name, resume=True, wandb="disabled")  # fmt: skip
-    trainer = Trainer(cfg, log=click.echo)
-    if not trainer.load_checkpoint():
-        _fail(f"{run_dir} has no checkpoint yet")
+    try:
+        cfg = dataclasses.replace(make_config(values), out=str(run_dir.parent), name=run_dir.name, resume=True,
+                                  wandb="disabled")  # fmt: skip
+        trainer = Trainer(cfg, log=click.echo)
+        if not trainer.load_checkpoint():
+            _fail(f"{run_dir} has no checkpoint yet")
+    except (ConfigError, ResumeMismatch, ValueError) as err:
+        _fail(f"{run_dir}: {err}")
     for path in trainer.write_figures():
         click.echo(f"wrote {path}")
 

@@ -138,8 +138,10 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    # Options that may differ between a run and its resumption: where it logs and how it shows progress.
-    RESUME_FREE = ("resume", "wandb", "progress", "device", "num_threads", "out")
+    # Options that may differ between a run and its resumption: where it lives (the run directory is found by
+    # out/name already, so a default-named run resumed by its directory name is the same run), where it logs
+    # and how it shows progress.
+    RESUME_FREE = ("resume", "wandb", "progress", "device", "num_threads", "out", "name")
 
     def identity(self) -> dict[str, Any]:
         """What must match for `--resume` to continue a run."""

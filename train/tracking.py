@@ -67,7 +67,11 @@ def _init_wandb(run_dir: Path, config: dict, mode: str, project: str, name: str)
             return None
         warnings.warn(f"W&B online init failed ({err}); logging offline instead", stacklevel=2)
         os.environ.setdefault("WANDB_MODE", "offline")
-        run = wandb.init(mode="offline", **kwargs)
+        try:
+            run = wandb.init(mode="offline", **kwargs)
+        except Exception as err2:  # noqa: BLE001 - nor may the offline fallback
+            warnings.warn(f"W&B offline fallback failed too ({err2}); logging to metrics.jsonl only", stacklevel=2)
+            return None
     # Dashboards plot against the epoch and against throughput.
     run.define_metric("epoch")
     run.define_metric("*", step_metric="epoch")

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from gutout import ActivationCapture, GutoutStage, SaliencyCache, StageConfig, cam_from_activations, warp_to_canonical
 from gutout.atomic import atomic_write_bytes, atomic_writer
+from gutout.cache import CacheSnapshotError, check_header
 from gutout.config import ConfigError
 from gutout.gradcam import default_layer, preserved_modes
 from gutout.pipelines import ArrayDataset, GutoutLoader, LoaderConfig, make_source
@@ -74,6 +75,11 @@ def load_datasets(cfg: TrainConfig):
         root = Path(cfg.data)
         train = load_folder(root / "train", skip_corrupt=cfg.skip_corrupt, name=cfg.dataset)
         test = load_folder(root / "val", skip_corrupt=cfg.skip_corrupt, name=cfg.dataset)
+        if test.classes != train.classes:  # each split numbers its own sorted class folders
+            missing = sorted(set(train.classes) - set(test.classes))
+            extra = sorted(set(test.classes) - set(train.classes))
+            raise ConfigError(f"{root / 'val'} and {root / 'train'} must hold the same class folders "
+                              f"(missing from val: {missing or 'none'}; only in val: {extra or 'none'})")  # fmt: skip
     if cfg.subset is not None:
         if cfg.subset > len(train):
             raise ConfigError(f"--subset {cfg.subset} exceeds the {len(train)} training samples of {cfg.dataset}")
@@ -198,7 +204,8 @@ class Trainer:
     def _lr_lambda(self, total_steps: int, steps_per_epoch: int):
         cfg = self.cfg
         warmup = max(1, round(0.02 * total_steps))  # a short linear warm-up steadies the first steps
-        milestones = cfg.milestones or (round(0.5 * cfg.epochs), round(0.75 * cfg.epochs))
+        # Default decays at 50 % and 75 % of the run (halves rounded up), never at epoch 0, each once.
+        milestones = cfg.milestones or sorted({max(1, math.floor(f * cfg.epochs + 0.5)) for f in (0.5, 0.75)})
 
         def factor(step: int) -> float:
             ramp = min(1.0, (step + 1) / warmup)
@@ -216,6 +223,7 @@ class Trainer:
         return {
             "config": self.cfg.identity(),
             "epoch": epoch,
+            "cache_header": self._cache_identity(),
             "cache": {"maps": self.cache.maps.cpu(), "valid": self.cache.valid.cpu(), "epoch": self.cache.epoch,
                       "pending_maps": self.cache._pending_maps.cpu(), "pending_valid": self.cache._pending_valid.cpu()},
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
@@ -245,6 +253,11 @@ class Trainer:
                     old.unlink(missing_ok=True)
         self.runtime.barrier()
 
+    def _cache_identity(self) -> dict:
+        """What the checkpointed maps belong to: the training samples (fingerprint), the maps' layout."""
+        header = self.cache.header()
+        return {k: header[k] for k in ("fingerprint", "samples", "map_size", "members", "layer", "target")}
+
     def load_checkpoint(self) -> bool:
         path = self.run_dir / CHECKPOINT
         if not path.exists():
@@ -258,6 +271,11 @@ class Trainer:
                  for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]  # fmt: skip
         if diffs:
             raise ResumeMismatch(f"{path} belongs to a different run; refusing to resume: " + "; ".join(diffs))
+        if "cache_header" in state:  # written since the fingerprint check; older checkpoints lack it
+            try:
+                check_header(state["cache_header"], self._cache_identity(), source=str(path))
+            except CacheSnapshotError as err:  # e.g. the folder's files changed under the same path
+                raise ResumeMismatch(f"{err}; refusing to resume with maps of other samples") from None
         epoch = state["epoch"]
         for member in self.members:
             member_file = self.member_path(member.index, epoch)
@@ -306,13 +324,25 @@ class Trainer:
         self.cache.publish(epoch)
         return time.perf_counter() - start, received
 
+    def _sync_harvest(self) -> tuple[float, int]:
+        """An epoch end without a refresh: in a multi-process harvest run, all-gather the maps harvested this
+        epoch now (unpublished), so that the checkpoint rank 0 writes holds every rank's maps and a sample
+        harvested by another rank next epoch overwrites this one rather than racing it at the refresh."""
+        if not (self.runtime.distributed and self.cfg.refresh == "harvest" and self.cfg.policy in SALIENCY_POLICIES):
+            return 0.0, 0
+        start = time.perf_counter()
+        received = self.runtime.sync_cache(self.cache)
+        self.cache.mark_synced()
+        return time.perf_counter() - start, received
+
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.float16) if self.amp else nullcontext()
 
-    def _harvest(self, member: Member, activations, batch) -> None:
+    def _harvest(self, member: Member, activations, logits, batch) -> None:
         """Harvest mode: this step's CAM (closed form from the forward's activations), back in the canonical
         frame, written where the crop saw the image."""
-        cams = cam_from_activations(activations, member.net.fc.weight, batch.labels)  # (B, h', w')
+        targets = batch.labels if self.cfg.target == "label" else logits.detach().argmax(-1)  # (B,)
+        cams = cam_from_activations(activations, member.net.fc.weight, targets)  # (B, h', w')
         maps, covered = warp_to_canonical(cams, batch.windows, batch.flips, self.map_size)
         self.cache.update(member.index, batch.indices, maps, covered=covered)
 
@@ -349,7 +379,7 @@ class Trainer:
                 member.scheduler.step()
                 if harvest:
                     mark = time.perf_counter()
-                    self._harvest(member, capture.activations, batch)
+                    self._harvest(member, capture.activations, logits, batch)
                     harvest_time += time.perf_counter() - mark
                 images_seen += len(batch.labels)
                 recent_losses.append(loss.detach())
@@ -388,8 +418,9 @@ class Trainer:
             K = len(self.members)
             first = int(bad[0])
             step = last_step - (len(losses) // K - 1) + first // K
+            member = self.members[first % K].index  # this rank's members are a subset of the ensemble
             raise NonFiniteLoss(
-                f"non-finite loss ({float(stacked[first])}) for member {first % K} at epoch {epoch}, step {step}; "
+                f"non-finite loss ({float(stacked[first])}) for member {member} at epoch {epoch}, step {step}; "
                 "lower --lr or check the data"
             )
 
@@ -455,6 +486,12 @@ class Trainer:
             raise ResumeMismatch(
                 f"{self.run_dir} already holds a run; pass --resume to continue it, or choose another --name/--out"
             )
+
+    def record_run(self) -> None:
+        """config.yaml and git-revision: written once the run directory is known to hold this run (after a
+        resume's checks), so that a refused --resume leaves the directory as it was."""
+        if not self.runtime.is_main:
+            return
         import yaml
 
         atomic_write_bytes(self.run_dir / "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=True).encode())
@@ -465,8 +502,12 @@ class Trainer:
         progress = progress if (progress and main) else _no_progress
         self.prepare_run_dir()
         self.runtime.barrier()  # the run directory exists (or the refusal was raised) before anyone reads it
-        if cfg.resume and self.load_checkpoint():
-            self.log(f"resuming {self.run_dir} at epoch {self.start_epoch}")
+        if cfg.resume:
+            if self.load_checkpoint():
+                self.log(f"resuming {self.run_dir} at epoch {self.start_epoch}")
+            else:
+                self.log(f"--resume: {self.run_dir} holds no checkpoint yet; starting the run from epoch 0")
+        self.record_run()
         tracker = None
         if main:  # one metrics log and one W&B run per training run
             tracker = Tracker(self.run_dir, cfg.to_dict(), cfg.wandb, cfg.wandb_project, cfg.run_name, self.history)
@@ -477,7 +518,7 @@ class Trainer:
             for epoch in range(self.start_epoch, cfg.epochs):
                 record = {"epoch": epoch}
                 record.update(self.train_epoch(epoch, progress))
-                refresh_s, received = self.refresh(epoch) if self._refresh_due(epoch + 1) else (0.0, 0)
+                refresh_s, received = self.refresh(epoch) if self._refresh_due(epoch + 1) else self._sync_harvest()
                 record["time/refresh_s"] = refresh_s
                 if self.runtime.distributed:
                     record["dist/cache_bytes_received"] = received

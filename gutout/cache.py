@@ -34,7 +34,9 @@ def bytes_per_member(samples: int, map_size: tuple[int, int]) -> int:
 
 
 class SaliencyCache:
-    FORMAT_VERSION = 1
+    # 2: the digest covers the header too (1 hashed the payload only; still readable).
+    FORMAT_VERSION = 2
+    READABLE_VERSIONS = (1, 2)
 
     def __init__(
         self,
@@ -189,15 +191,12 @@ class SaliencyCache:
         }
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the published buffer atomically (temporary file, fsync, rename)."""
+        """Write the published buffer atomically (temporary file, fsync, rename), with a digest of the header
+        and the payload together, so that an edited epoch or layer is caught like a flipped map bit."""
         maps = self.maps.cpu().contiguous().view(torch.int16).numpy().tobytes()
         valid = self.valid.cpu().contiguous().numpy().tobytes()
-        payload_hash = hashlib.sha256(maps)
-        payload_hash.update(valid)
-        header = self.header() | {
-            "payload_bytes": len(maps) + len(valid),
-            "payload_sha256": payload_hash.hexdigest(),
-        }
+        header = self.header() | {"payload_bytes": len(maps) + len(valid)}
+        header["sha256"] = _digest(header, maps + valid)
         header_bytes = json.dumps(header, sort_keys=True).encode()
         with atomic_writer(path) as f:
             f.write(_MAGIC + struct.pack("<I", len(header_bytes)) + header_bytes)
@@ -231,8 +230,12 @@ class SaliencyCache:
             raise CacheSnapshotError(
                 f"{path}: truncated cache snapshot ({len(payload)} of {header['payload_bytes']} payload bytes)"
             )
-        if hashlib.sha256(payload).hexdigest() != header["payload_sha256"]:
-            raise CacheSnapshotError(f"{path}: cache snapshot is corrupted (payload checksum mismatch)")
+        if header["format_version"] == 1:
+            intact = hashlib.sha256(payload).hexdigest() == header.get("payload_sha256")
+        else:
+            intact = _digest({k: v for k, v in header.items() if k != "sha256"}, payload) == header.get("sha256")
+        if not intact:
+            raise CacheSnapshotError(f"{path}: cache snapshot is corrupted (checksum mismatch)")
         K, N, (h, w) = header["members"], header["samples"], header["map_size"]
         cache = cls(K, N, (h, w), device=device, fingerprint=header["fingerprint"],
                     layer=header["layer"], target=header["target"])  # fmt: skip
@@ -260,12 +263,42 @@ def _read_header(f, path: Path) -> dict:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CacheSnapshotError(f"{path}: truncated or corrupted cache snapshot header ({err})") from None
+    if not isinstance(header, dict):
+        raise CacheSnapshotError(f"{path}: corrupted cache snapshot header (not a JSON object)")
     version = header.get("format_version")
-    if version != SaliencyCache.FORMAT_VERSION:
-        raise CacheSnapshotError(
-            f"{path}: snapshot format version {version}, this gutout reads version {SaliencyCache.FORMAT_VERSION}"
-        )
+    if version not in SaliencyCache.READABLE_VERSIONS:
+        readable = ", ".join(map(str, SaliencyCache.READABLE_VERSIONS))
+        raise CacheSnapshotError(f"{path}: snapshot format version {version}, this gutout reads versions {readable}")
+    _check_layout(header, path)
     return header
+
+
+def _is_count(value, lo: int = 1) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= lo
+
+
+def _check_layout(header: dict, path: Path) -> None:
+    """The header's sizes are well-formed and agree with its payload length (checked before any allocation)."""
+    size = header.get("map_size")
+    ok = (_is_count(header.get("members")) and _is_count(header.get("samples")) and isinstance(size, list)
+          and len(size) == 2 and all(_is_count(v) for v in size) and _is_count(header.get("payload_bytes"), 0)
+          and isinstance(header.get("epoch"), int))  # fmt: skip
+    if not ok:
+        raise CacheSnapshotError(f"{path}: corrupted cache snapshot header (sizes missing or malformed)")
+    K, N, (h, w) = header["members"], header["samples"], size
+    expected = K * N * h * w * 2 + K * N  # float16 maps, then one byte per valid flag
+    if header["payload_bytes"] != expected:
+        raise CacheSnapshotError(
+            f"{path}: corrupted cache snapshot header (payload_bytes {header['payload_bytes']} for "
+            f"{K} x {N} maps of {h} x {w}, which take {expected})"
+        )
+
+
+def _digest(header: dict, payload: bytes) -> str:
+    """SHA-256 of the header (canonical JSON, without the digest itself) followed by the payload."""
+    h = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
+    h.update(payload)
+    return h.hexdigest()
 
 
 def check_header(header: dict, expect: dict, *, source: str) -> None:

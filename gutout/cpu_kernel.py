@@ -93,7 +93,7 @@ def normalise_and_cut_numba(
         nothing = torch.zeros(B, dtype=torch.int32)  # MODE_NONE everywhere
         plan = CutPlan(mode=nothing, tau=torch.zeros(B), box=torch.zeros(B, 4, dtype=torch.int32), noise_seed=0)
         windows, flips = torch.zeros(B, 4), torch.zeros(B, dtype=torch.bool)
-    scale, bias = affine(mean, std)  # x * scale + bias, the arithmetic every normalising path shares
+    scale, bias = affine(mean, std, source.shape[1])  # x * scale + bias, the arithmetic every normalising path shares
     return _run(out, plan, maps, windows, flips, fill, (source.contiguous(), scale, bias))
 
 

@@ -10,11 +10,23 @@ from __future__ import annotations
 import torch
 
 
-def affine(mean, std) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, bias), each (C,) float32, with x * scale + bias == (x - mean) / std up to float rounding."""
-    std = torch.as_tensor(std, dtype=torch.float64)
+def affine(mean, std, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, bias), each (channels,) float32, with x * scale + bias == (x - mean) / std up to float rounding.
+
+    `mean` and `std` hold one value per channel, or one for all; any other length is an error (the fused
+    kernel indexes them per channel without bounds checks).
+    """
+    values = []
+    for name, value in (("mean", mean), ("std", std)):
+        value = torch.as_tensor(value, dtype=torch.float64).flatten()
+        if value.numel() not in (1, channels):
+            raise ValueError(f"normalise: {name} has {value.numel()} values for {channels} channels")
+        values.append(value.expand(channels))
+    mean, std = values
+    if not bool((std > 0).all()):
+        raise ValueError(f"normalise: std must be positive, got {std.tolist()}")
     scale = (1.0 / std).to(torch.float32)
-    bias = (-torch.as_tensor(mean, dtype=torch.float64) / std).to(torch.float32)
+    bias = (-mean / std).to(torch.float32)
     return scale, bias
 
 
@@ -37,5 +49,5 @@ def normalise_uint8(source: torch.Tensor, out: torch.Tensor, mean, std) -> torch
     if cpu_kernel.supports(out):  # it checks the pair itself
         return cpu_kernel.normalise_and_cut_numba(source, out, mean, std, None, None, None, None, 0.0)[0]
     check_pair(source, out)
-    scale, bias = affine(mean, std)
+    scale, bias = affine(mean, std, source.shape[1])
     return torch.mul(source, scale.view(-1, 1, 1), out=out).add_(bias.view(-1, 1, 1))

@@ -139,8 +139,7 @@ def load_fashion_mnist(split: str = "train", data: str | os.PathLike | None = No
 def load_cifar(name: str, split: str, data: str | os.PathLike) -> ArrayDataset:
     """The official python-pickle CIFAR-10/100 folder (cifar-10-batches-py / cifar-100-python)."""
     root = Path(data)
-    folder = next((p for p in (root, root / "cifar-10-batches-py", root / "cifar-100-python") if p.is_dir()), None)
-    if folder is None:
+    if not root.is_dir():
         raise DatasetError(f"{name}: --data {root} does not exist")
     if name == "cifar10":
         files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
@@ -148,6 +147,9 @@ def load_cifar(name: str, split: str, data: str | os.PathLike) -> ArrayDataset:
     else:
         files = ["train"] if split == "train" else ["test"]
         label_key, meta, names_key = b"fine_labels", "meta", b"fine_label_names"
+    # The folder itself, or the archive's folder inside it: the first that holds the split's first file.
+    candidates = (root, root / "cifar-10-batches-py", root / "cifar-100-python")
+    folder = next((p for p in candidates if (p / files[0]).is_file()), root)
     images, labels = [], []
     for file in files:
         path = folder / file
@@ -203,8 +205,8 @@ class FolderDataset:
         return FolderDataset(self.root, files, self.labels[indices], self.classes, f"{self.name}[subset]")
 
     def without(self, bad_files: list[str]) -> FolderDataset:
-        """The dataset minus files (relative or absolute paths), order otherwise kept."""
-        bad = {str(Path(b).relative_to(self.root)) if Path(b).is_absolute() else b for b in bad_files}
+        """The dataset minus files (names relative to the root, as in `files`), order otherwise kept."""
+        bad = set(bad_files)
         keep = [i for i, f in enumerate(self.files) if f not in bad]
         return FolderDataset(self.root, [self.files[i] for i in keep], self.labels[keep], self.classes, self.name)
 
@@ -235,20 +237,21 @@ def scan_folder(root: str | os.PathLike, name: str = "folder") -> FolderDataset:
 
 @dataclass(frozen=True)
 class BadFile:
-    path: str
+    path: str  # where it was read (root / file)
     reason: str
+    file: str  # its name relative to the dataset root, as in FolderDataset.files
 
 
-def _check_one(path: str) -> BadFile | None:
+def _check_one(path: str, file: str) -> BadFile | None:
     from PIL import Image
 
     try:
         with Image.open(path) as image:
             image.load()  # decodes everything: truncation shows here, not in verify()
             if image.width < 1 or image.height < 1:
-                return BadFile(path, "empty image")
+                return BadFile(path, "empty image", file)
     except Exception as err:  # noqa: BLE001 - any decoder failure makes the file bad
-        return BadFile(path, f"{type(err).__name__}: {err}")
+        return BadFile(path, f"{type(err).__name__}: {err}", file)
     return None
 
 
@@ -257,7 +260,8 @@ def check_images(dataset: FolderDataset, workers: int = 2) -> list[BadFile]:
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        return [bad for bad in pool.map(_check_one, dataset.paths, chunksize=64) if bad is not None]
+        checked = pool.map(_check_one, dataset.paths, dataset.files, chunksize=64)
+        return [bad for bad in checked if bad is not None]
 
 
 def load_folder(root: str | os.PathLike, *, skip_corrupt: bool = False, name: str = "folder") -> FolderDataset:
@@ -267,7 +271,7 @@ def load_folder(root: str | os.PathLike, *, skip_corrupt: bool = False, name: st
         bad = check_images(dataset)
         for b in bad:
             print(f"skipping corrupt file {b.path}: {b.reason}")
-        dataset = dataset.without([b.path for b in bad])
+        dataset = dataset.without([b.file for b in bad])
         if len(dataset) == 0:
             raise DatasetError(f"{name}: every file under {root} failed to decode")
     return dataset

@@ -1,4 +1,7 @@
+import hashlib
+import json
 import os
+import struct
 
 import pytest
 import torch
@@ -129,10 +132,58 @@ def test_truncated_corrupted_and_foreign_files_are_clear_errors(tmp_path):
         SaliencyCache.load(tmp_path / "foreign")
     with pytest.raises(CacheSnapshotError, match="no cache snapshot at"):
         SaliencyCache.load(tmp_path / "missing")
-    newer = data.replace(b'"format_version": 1', b'"format_version": 9')
+    newer = data.replace(b'"format_version": 2', b'"format_version": 9')
     (tmp_path / "newer").write_bytes(newer)
-    with pytest.raises(CacheSnapshotError, match="format version 9"):
+    with pytest.raises(CacheSnapshotError, match="format version 9, this gutout reads versions 1, 2"):
         SaliencyCache.load(tmp_path / "newer")
+
+
+def _rewrite_header(data: bytes, edit) -> bytes:
+    """The snapshot with its JSON header replaced by edit(header), the payload untouched."""
+    (length,) = struct.unpack("<I", data[8:12])
+    header = json.loads(data[12 : 12 + length])
+    raw = json.dumps(edit(header), sort_keys=True).encode()
+    return data[:8] + struct.pack("<I", len(raw)) + raw + data[12 + length :]
+
+
+def test_an_edited_header_is_caught_and_version_1_snapshots_still_load(tmp_path):
+    cache = filled_cache()
+    path = tmp_path / "cache.gsc"
+    cache.save(path)
+    data = path.read_bytes()
+    cases = {
+        "epoch": (lambda h: h | {"epoch": 9}, "corrupted \\(checksum mismatch\\)"),
+        "layer": (lambda h: h | {"layer": "layer3"}, "corrupted \\(checksum mismatch\\)"),
+        "samples": (lambda h: h | {"samples": h["samples"] + 2}, "payload_bytes .* which take"),
+        "map_size": (lambda h: h | {"map_size": [4]}, "sizes missing or malformed"),
+        "list": (lambda h: [h], "not a JSON object"),
+    }
+    for name, (edit, message) in cases.items():
+        (tmp_path / name).write_bytes(_rewrite_header(data, edit))
+        with pytest.raises(CacheSnapshotError, match=message):
+            SaliencyCache.load(tmp_path / name)
+
+    def as_version_1(header):  # what gutout wrote before the digest covered the header
+        payload = data[-header["payload_bytes"] :]
+        core = {k: v for k, v in header.items() if k != "sha256"}
+        return core | {"format_version": 1, "payload_sha256": hashlib.sha256(payload).hexdigest()}
+
+    (tmp_path / "v1").write_bytes(_rewrite_header(data, as_version_1))
+    old = SaliencyCache.load(tmp_path / "v1")
+    assert torch.equal(old.maps, cache.maps) and torch.equal(old.valid, cache.valid) and old.epoch == cache.epoch
+
+
+def test_atomic_writes_get_the_mode_of_a_plain_open(tmp_path):
+    from gutout.atomic import atomic_write_bytes
+
+    fresh = tmp_path / "fresh"
+    atomic_write_bytes(fresh, b"x")
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"x")
+    assert fresh.stat().st_mode == plain.stat().st_mode  # not mkstemp's 0600
+    os.chmod(fresh, 0o640)
+    atomic_write_bytes(fresh, b"y")
+    assert fresh.stat().st_mode & 0o777 == 0o640 and fresh.read_bytes() == b"y"  # a replaced file keeps its mode
 
 
 def test_failed_write_leaves_the_previous_snapshot(tmp_path, monkeypatch):

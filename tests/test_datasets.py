@@ -67,6 +67,32 @@ def test_check_lists_bad_files_and_skip_corrupt_leaves_them_out(folder, capsys):
     assert clean.exit_code != 0 and "does not exist" in clean.output
 
 
+def test_skip_corrupt_leaves_bad_files_out_under_a_relative_root(folder, monkeypatch):
+    (folder / "dog" / "text.jpg").write_text("this is not a JPEG")
+    monkeypatch.chdir(folder.parent)
+    kept = load_folder(folder.name, skip_corrupt=True)  # "data", as `--data data` would give
+    assert len(kept) == 6 and "dog/text.jpg" not in kept.files
+
+
+def test_cifar_loads_from_the_folder_or_its_parent(tmp_path):
+    import pickle
+
+    from gutout.pipelines.datasets import load_cifar
+
+    archive = tmp_path / "cifar-10-batches-py"
+    archive.mkdir()
+    for i, name in enumerate([f"data_batch_{j}" for j in range(1, 6)] + ["test_batch"]):
+        batch = {b"data": torch.full((2, 3 * 32 * 32), i, dtype=torch.uint8).numpy(), b"labels": [i % 10, 1]}
+        (archive / name).write_bytes(pickle.dumps(batch))
+    (archive / "batches.meta").write_bytes(pickle.dumps({b"label_names": [f"c{i}".encode() for i in range(10)]}))
+    for data in (archive, tmp_path):  # the archive's folder, or the folder it was unpacked in
+        train = load_cifar("cifar10", "train", data)
+        assert len(train) == 10 and train.classes[:2] == ("c0", "c1") and train.labels.tolist()[:2] == [0, 1]
+    (tmp_path / "elsewhere").mkdir()
+    with pytest.raises(DatasetError, match="cannot read .*elsewhere/data_batch_1"):
+        load_cifar("cifar10", "train", tmp_path / "elsewhere")
+
+
 def test_torch_backend_names_a_bad_file(folder):
     (folder / "cat" / "0.jpg").write_text("garbage")
     loader = GutoutLoader.from_folder(folder, batch_size=2, image_size=16, backend="torch", num_threads=0)

@@ -58,6 +58,15 @@ def test_both_normalising_paths_give_the_same_bits(monkeypatch):
         normalise_uint8(source, torch.empty(2, 3, 9, 11), mean, std)
     with pytest.raises(ValueError, match="source must be uint8"):
         normalise_uint8(source.float(), torch.empty(3, 3, 9, 11), mean, std)
+    # One value for every channel broadcasts on both paths; any other count is refused before the kernel.
+    one = normalise_uint8(source, torch.empty(3, 3, 9, 11), [100.0], [50.0])
+    assert torch.allclose(one, (source.float() - 100.0) / 50.0, atol=1e-6)
+    monkeypatch.undo()
+    assert torch.equal(normalise_uint8(source, torch.empty(3, 3, 9, 11), [100.0], [50.0]), one)
+    with pytest.raises(ValueError, match="mean has 2 values for 3 channels"):
+        normalise_uint8(source, torch.empty(3, 3, 9, 11), [1.0, 2.0], [50.0])
+    with pytest.raises(ValueError, match="std must be positive"):
+        normalise_uint8(source, torch.empty(3, 3, 9, 11), [1.0], [0.0, 1.0, 1.0])
 
 
 @pytest.fixture

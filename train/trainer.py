@@ -112,12 +112,24 @@ def resolve_device(cfg: TrainConfig, local_rank: int = 0) -> torch.device:
 
 
 def git_revision() -> str:
+    """The commit of the source tree this process runs, "+dirty" when it had uncommitted changes; "unknown"
+    outside a git checkout. Asked once, at import: in a long `compare`, later commits are not this code."""
+    here = Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)  # fmt: skip
-        return out.stdout.strip() or "unknown"
+        # Installed inside some other repository (a venv in a project), HEAD would be that project's.
+        ours = subprocess.run(["git", "ls-files", "--error-unmatch", Path(__file__).name], capture_output=True,
+                              timeout=10, cwd=here)  # fmt: skip
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, cwd=here)
+        if ours.returncode != 0 or head.returncode != 0 or not head.stdout.strip():
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "."],
+                               capture_output=True, text=True, timeout=10, cwd=here.parent)  # fmt: skip
+        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+GIT_REVISION = git_revision()
 
 
 # -- the trainer -----------------------------------------------------------------------------------------
@@ -495,7 +507,7 @@ class Trainer:
         import yaml
 
         atomic_write_bytes(self.run_dir / "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=True).encode())
-        atomic_write_bytes(self.run_dir / "git-revision", (git_revision() + "\n").encode())
+        atomic_write_bytes(self.run_dir / "git-revision", (GIT_REVISION + "\n").encode())
 
     def run(self, progress=None) -> dict:
         cfg, main = self.cfg, self.runtime.is_main

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from gutout.config import ConfigError
 from gutout.train.cli import main
 from gutout.train.config import TrainConfig, make_config
-from gutout.train.trainer import GIT_REVISION, NonFiniteLoss, Trainer
+from gutout.train.trainer import NonFiniteLoss, Trainer, git_revision
 from tests.conftest import fake_fashion_mnist
 
 EPOCH_KEYS = [
@@ -60,7 +60,7 @@ def test_tiny_ensemble_run_end_to_end(data, tmp_path):
         assert (run / name).exists(), name
     assert list((run / "wandb").glob("offline-run-*")), "the W&B offline run lands in the run directory"
     revision = (run / "git-revision").read_text().strip()  # the code this process loaded, not a later HEAD
-    assert revision == GIT_REVISION and re.fullmatch(r"[0-9a-f]{40}(\+dirty)?|unknown", revision)
+    assert revision == git_revision() and re.fullmatch(r"[0-9a-f]{40}(\+dirty)?|unknown", revision)
     assert "| ensemble |" in result.output and "disagreement" in result.output
     show = CliRunner().invoke(main, ["show", str(run)])
     assert show.exit_code == 0 and "samples.png" in show.output, show.output

@@ -10,7 +10,7 @@ import click
 
 from gutout.config import ConfigError
 
-from .config import DATASETS, MODELS, POLICIES, make_config, read_config_file
+from .config import DATASETS, MODELS, POLICIES, make_config, read_config_file, read_run_config
 
 
 def _fail(message: str) -> None:
@@ -191,12 +191,13 @@ def show(run):
 
     run_dir = Path(run)
     try:
-        values = yaml.safe_load((run_dir / "config.yaml").read_text())
+        saved = read_run_config(run_dir)
     except (OSError, yaml.YAMLError) as err:
         _fail(f"{run_dir} is not a gutout run directory ({err})")
+    except ConfigError as err:
+        _fail(f"{run_dir}: {err}")
     try:
-        cfg = dataclasses.replace(make_config(values), out=str(run_dir.parent), name=run_dir.name, resume=True,
-                                  wandb="disabled")  # fmt: skip
+        cfg = dataclasses.replace(saved, out=str(run_dir.parent), name=run_dir.name, resume=True, wandb="disabled")
         trainer = Trainer(cfg, log=click.echo)
         if not trainer.load_checkpoint():
             _fail(f"{run_dir} has no checkpoint yet")

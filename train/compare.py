@@ -18,7 +18,7 @@ from typing import Any
 from gutout.atomic import atomic_write_bytes
 from gutout.config import ConfigError
 
-from .config import TrainConfig
+from .config import TrainConfig, identity_differences, read_run_config
 
 # Cutout's square side as a fraction of the image side (DeVries & Taylor 2017: 16 px of 32 on CIFAR-10,
 # 8 px on CIFAR-100; on Fashion-MNIST, which the paper does not cover, half the side, as on CIFAR-10).
@@ -60,15 +60,10 @@ def run_config(base: TrainConfig, run: str, seed: int) -> TrainConfig:
 
 def check_same_run(cfg: TrainConfig) -> None:
     """Refuse a run directory that holds another configuration's run, rather than report or resume it."""
-    import yaml
-
-    path = cfg.run_dir / "config.yaml"
-    if not path.exists():
+    if not (cfg.run_dir / "config.yaml").exists():
         return
-    saved = yaml.safe_load(path.read_text()) or {}
-    saved["milestones"] = tuple(saved.get("milestones") or ())
-    mine = cfg.identity()
-    diffs = [f"{k}={saved.get(k)!r} there, {mine[k]!r} here" for k in sorted(mine) if saved.get(k) != mine[k]]
+    saved = read_run_config(cfg.run_dir).identity()
+    diffs = [f"{k}={there!r} there, {here!r} here" for k, there, here in identity_differences(saved, cfg.identity())]
     if diffs:
         raise ConfigError(f"{cfg.run_dir} holds a run of another configuration ({'; '.join(diffs)}); "
                           "pass another --out, or move that run directory away")  # fmt: skip

@@ -148,6 +148,18 @@ class TrainConfig:
         return {k: v for k, v in self.to_dict().items() if k not in self.RESUME_FREE}
 
 
+def identity_differences(theirs: dict[str, Any], mine: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, theirs, mine) for every key where two runs' `identity()` differ, in key order."""
+    return [(k, theirs.get(k), mine.get(k)) for k in sorted(set(theirs) | set(mine)) if theirs.get(k) != mine.get(k)]
+
+
+def read_run_config(run_dir: str | Path) -> TrainConfig:
+    """The configuration a run directory's config.yaml records (OSError / yaml.YAMLError when it has none)."""
+    import yaml
+
+    return make_config(yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {})
+
+
 def _normalise(values: dict[str, Any]) -> dict[str, Any]:
     values = {k.replace("-", "_"): v for k, v in values.items()}
     for key in ("milestones",):

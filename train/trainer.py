@@ -9,6 +9,7 @@ the ensemble metrics are logged, and an atomic checkpoint is written.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import random
 import subprocess
@@ -31,7 +32,7 @@ from gutout.pipelines import ArrayDataset, GutoutLoader, LoaderConfig, make_sour
 from gutout.pipelines.datasets import load_cifar, load_fashion_mnist, load_folder
 from gutout.pipelines.normalise import resolve_stats
 
-from .config import SALIENCY_POLICIES, TrainConfig
+from .config import SALIENCY_POLICIES, TrainConfig, identity_differences
 from .distributed import Runtime, plan_layout
 from .figures import sample_grid, save_curves, save_png
 from .metrics import ensemble_metrics
@@ -111,9 +112,11 @@ def resolve_device(cfg: TrainConfig, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+@functools.cache
 def git_revision() -> str:
     """The commit of the source tree this process runs, "+dirty" when it had uncommitted changes; "unknown"
-    outside a git checkout. Asked once, at import: in a long `compare`, later commits are not this code."""
+    outside a git checkout. Asked once per process, when its first run starts (its code is loaded by then):
+    in a long `compare`, later commits are not this code."""
     here = Path(__file__).resolve().parent
     try:
         # Installed inside some other repository (a venv in a project), HEAD would be that project's.
@@ -127,9 +130,6 @@ def git_revision() -> str:
         return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-GIT_REVISION = git_revision()
 
 
 # -- the trainer -----------------------------------------------------------------------------------------
@@ -278,9 +278,8 @@ class Trainer:
             state = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as err:  # noqa: BLE001 - an unreadable checkpoint is named, not silently ignored
             raise ResumeMismatch(f"cannot read checkpoint {path}: {err}") from None
-        mine, theirs = self.cfg.identity(), state["config"]
-        diffs = [f"{k}: checkpoint has {theirs.get(k)!r}, this run has {mine.get(k)!r}"
-                 for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]  # fmt: skip
+        diffs = [f"{k}: checkpoint has {theirs!r}, this run has {mine!r}"
+                 for k, theirs, mine in identity_differences(state["config"], self.cfg.identity())]  # fmt: skip
         if diffs:
             raise ResumeMismatch(f"{path} belongs to a different run; refusing to resume: " + "; ".join(diffs))
         if "cache_header" in state:  # written since the fingerprint check; older checkpoints lack it
@@ -507,7 +506,7 @@ class Trainer:
         import yaml
 
         atomic_write_bytes(self.run_dir / "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=True).encode())
-        atomic_write_bytes(self.run_dir / "git-revision", (GIT_REVISION + "\n").encode())
+        atomic_write_bytes(self.run_dir / "git-revision", (git_revision() + "\n").encode())
 
     def run(self, progress=None) -> dict:
         cfg, main = self.cfg, self.runtime.is_main

@@ -71,9 +71,9 @@ class ArrayDataset:
             self._fingerprint = dataset_fingerprint(self.images, self.labels)
         return self._fingerprint
 
-    def subset(self, indices: torch.Tensor) -> ArrayDataset:
+    def subset(self, indices: torch.Tensor, tag: str = "subset") -> ArrayDataset:
         indices = torch.as_tensor(indices).long()
-        return ArrayDataset(self.images[indices], self.labels[indices], self.classes, f"{self.name}[subset]")
+        return ArrayDataset(self.images[indices], self.labels[indices], self.classes, f"{self.name}[{tag}]")
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -168,6 +168,29 @@ def load_cifar(name: str, split: str, data: str | os.PathLike) -> ArrayDataset:
     return ArrayDataset(torch.from_numpy(np.concatenate(images)), torch.tensor(labels), classes, f"{name}/{split}")
 
 
+def stratified_split(
+    labels: torch.Tensor, held_out: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(held-out, rest) sorted sample positions: `held_out` samples drawn at random within each class, each class
+    contributing in proportion to its size (largest remainders settle the rounding)."""
+    labels = torch.as_tensor(labels).long()
+    n = labels.numel()
+    if not 0 <= held_out < n:
+        raise DatasetError(f"cannot hold out {held_out} of {n} samples (keep at least one for training)")
+    classes, counts = labels.unique(return_counts=True)
+    quota = counts.double() * held_out / n  # (classes,) exact shares
+    take = quota.floor().long()
+    short = held_out - int(take.sum())
+    take[(quota - take).argsort(descending=True, stable=True)[:short]] += 1
+    chosen = []
+    for c, k in zip(classes.tolist(), take.tolist(), strict=True):
+        members = (labels == c).nonzero().squeeze(1)
+        chosen.append(members[torch.randperm(len(members), generator=generator)[:k]])
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[torch.cat(chosen)] = True
+    return mask.nonzero().squeeze(1), (~mask).nonzero().squeeze(1)
+
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
@@ -199,10 +222,10 @@ class FolderDataset:
             self._fingerprint = dataset_fingerprint(self.files, self.labels)
         return self._fingerprint
 
-    def subset(self, indices: torch.Tensor) -> FolderDataset:
+    def subset(self, indices: torch.Tensor, tag: str = "subset") -> FolderDataset:
         indices = torch.as_tensor(indices).long()
         files = [self.files[i] for i in indices.tolist()]
-        return FolderDataset(self.root, files, self.labels[indices], self.classes, f"{self.name}[subset]")
+        return FolderDataset(self.root, files, self.labels[indices], self.classes, f"{self.name}[{tag}]")
 
     def without(self, bad_files: list[str]) -> FolderDataset:
         """The dataset minus files (names relative to the root, as in `files`), order otherwise kept."""

@@ -10,7 +10,8 @@ import click
 
 from gutout.config import ConfigError
 
-from .config import DATASETS, MODELS, POLICIES, make_config, read_config_file, read_run_config
+from .config import DATASETS, POLICIES, make_config, read_config_file, read_run_config
+from .models import MODELS
 
 
 def _fail(message: str) -> None:
@@ -36,6 +37,7 @@ def _float_or_noise(value):
 @click.option("--data", type=click.Path(), help="Dataset folder (ImageFolder train/ val/, CIFAR pickles, idx files).")
 @click.option("--ensemble", type=int, help="Members K (default 1: self-Gutout; K > 1 cuts with peers' maps).")
 @click.option("--model", type=click.Choice(MODELS), help="Default: small-resnet (<= 32 px) or resnet18.")
+@click.option("--width", type=float, help="Channel multiplier of the CIFAR-style models (default 1).")
 @click.option("--epochs", type=int, help="Epochs (default 10).")
 @click.option("--batch-size", type=int, help="Batch size per member (default 128).")
 @click.option("--lr", type=float, help="Peak learning rate (default 0.1).")
@@ -62,6 +64,7 @@ def _float_or_noise(value):
 @click.option("--backend", type=click.Choice(["auto", "dali", "tensor", "torch"]), help="Data pipeline (auto).")
 @click.option("--skip-corrupt", is_flag=True, default=None, help="Leave out image files that fail to decode.")
 @click.option("--subset", type=int, help="Train on a fixed seeded subset of N samples.")
+@click.option("--val-split", type=int, help="Hold out N training samples for per-epoch metrics; test read once (0).")
 @click.option("--image-size", type=int, help="Input side in px (default: the dataset's, or 224).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Device (default auto).")
 @click.option("--amp/--no-amp", default=None, help="Mixed precision + channels-last on CUDA (default on).")
@@ -91,8 +94,9 @@ def train(dataset, config_file, milestones, nproc, max_restarts, **options):
         if nproc > 1 and "WORLD_SIZE" not in os.environ:
             return launch(cfg, nproc, max_restarts)
         trainer = Trainer(cfg, log=click.echo)
+        held_out = f" / {len(trainer.val_set)} val" if trainer.val_set is not None else ""
         trainer.log(f"run {cfg.run_dir}: {cfg.ensemble} x {cfg.model_name} on {cfg.dataset} ({len(trainer.train_set)} "
-                   f"train / {len(trainer.test_set)} test), {trainer.backend} backend on {trainer.device}, "
+                   f"train{held_out} / {len(trainer.test_set)} test), {trainer.backend} backend on {trainer.device}, "
                    f"policy {cfg.policy}, peers {cfg.peer_rule}, refresh {cfg.refresh}")  # fmt: skip
         final = trainer.run(progress=tqdm_progress(cfg.progress))
         trainer.runtime.close()
@@ -130,19 +134,27 @@ def launch(cfg, nproc: int, max_restarts: int) -> None:
 DEFAULT_RUNS = "none,cutout,random-erasing,gutout-threshold,gutout-area,gutout-box"
 # What `compare` changes from `train`'s defaults; a --config file overrides these, and options override both.
 COMPARE_DEFAULTS = {"epochs": 4, "ensemble": 1, "out": "runs/compare", "wandb": "disabled"}
+# Validation samples held out by default, per dataset (others: none unless --val-split says so).
+COMPARE_VAL_SPLIT = {"fashion-mnist": 5000}
 
 
 @main.command(context_settings={"show_default": True})
 @click.argument("dataset", type=click.Choice(DATASETS))
-@click.option("--runs", default=DEFAULT_RUNS, help="Comma-separated configurations to compare.")
-@click.option("--seeds", type=int, default=3, help="Seeds per configuration (0, 1, ...).")
+@click.option("--runs", default=DEFAULT_RUNS, help="Comma-separated arms; cutout, gutout-* take a value: cutout-0.25.")
+@click.option("--seeds", default="3", help="A count (5 = seeds 0..4), a range (10-14) or a list (3,7,9).")
+@click.option("--reference", help="Arm that paired differences are taken to (default: cutout, when it runs).")
+@click.option("--split", type=click.Choice(["val", "test"]), help="Report on (default: val with a validation split).")
+@click.option("--val-split", type=int, help="Validation samples held out (default 5000 for fashion-mnist, else 0).")
 @click.option("--epochs", type=int, help=f"Epochs per run (default {COMPARE_DEFAULTS['epochs']}).")
 @click.option("--ensemble", type=int, help=f"Members K per run (default {COMPARE_DEFAULTS['ensemble']}).")
 @click.option("--subset", type=int, help="Train on a fixed seeded subset of N samples.")
 @click.option("--data", type=click.Path())
 @click.option("--model", type=click.Choice(MODELS))
+@click.option("--width", type=float, help="Channel multiplier of the CIFAR-style models (default 1).")
 @click.option("--batch-size", type=int)
-@click.option("--p", "p", type=float, help="Cut probability for every cutting policy (default: train's, 0.5).")
+@click.option("--eval-batch-size", type=int)
+@click.option("--p", "p", type=float, help="Cut probability of every cutting arm (default: Cutout 1, Random Erasing "
+              "0.5, Gutout train's 0.5).")  # fmt: skip
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--backend", type=click.Choice(["auto", "dali", "tensor", "torch"]))
 @click.option(
@@ -156,25 +168,35 @@ COMPARE_DEFAULTS = {"epochs": 4, "ensemble": 1, "out": "runs/compare", "wandb": 
 @click.option("--config", "config_file", type=click.Path(), help="YAML/TOML file of training options.")
 @click.option("--time-budget", type=float, help="Start no new run after this many seconds (results from the rest).")
 @click.option("--progress/--no-progress", default=None)
-def compare(dataset, runs, seeds, config_file, time_budget, **options):
-    """Train each configuration with each seed (finished runs are not repeated), write results.md/.png."""
-    from .compare import run_all, run_overrides, summarise, write_results
+def compare(dataset, runs, seeds, reference, split, config_file, time_budget, p, **options):
+    """Train each arm with each seed (finished runs are not repeated); write results.md/.png with paired statistics."""
+    from .compare import parse_seeds, run_all, run_overrides, summarise, write_results
     from .trainer import NonFiniteLoss, ResumeMismatch, tqdm_progress
 
     run_names = [r.strip() for r in runs.split(",") if r.strip()]
     try:
+        seed_list = parse_seeds(seeds)
         for run in run_names:
-            run_overrides(run, dataset)
+            run_overrides(run, dataset, p)
+        if reference is None:
+            reference = "cutout" if "cutout" in run_names else None
+        elif reference not in run_names:
+            raise ConfigError(f"--reference {reference!r} is not one of the --runs ({', '.join(run_names)})")
         file_values = read_config_file(config_file) if config_file else {}
-        base = make_config({**COMPARE_DEFAULTS, **file_values}, dataset=dataset, **options)
-        results = run_all(base, run_names, list(range(seeds)), log=click.echo, progress=tqdm_progress(base.progress),
-                          time_budget=time_budget)  # fmt: skip
+        defaults = {**COMPARE_DEFAULTS, "val_split": COMPARE_VAL_SPLIT.get(dataset, 0)}
+        base = make_config({**defaults, **file_values}, dataset=dataset, **options)
+        split = split or ("val" if base.val_split else "test")
+        if split == "val" and not base.val_split:
+            raise ConfigError("--split val needs a validation split (--val-split N > 0)")
+        results = run_all(base, run_names, seed_list, log=click.echo, progress=tqdm_progress(base.progress),
+                          time_budget=time_budget, p=p)  # fmt: skip
     except (ConfigError, ResumeMismatch, NonFiniteLoss, ValueError) as err:
         _fail(str(err))
     if not results:
         _fail("no run finished, so there is nothing to report (check --runs, --seeds and --time-budget)")
     command = "gutout compare " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["compare"] else "gutout compare"
-    path = write_results(summarise(results, base.ensemble), base, Path(base.out), command)
+    rows = summarise(results, base, split, reference, p)
+    path = write_results(rows, base, Path(base.out), command, split, reference)
     click.echo(path.read_text())
     click.echo(f"wrote {path} and {path.with_suffix('.png')}")
 

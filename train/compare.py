@@ -19,6 +19,7 @@ from gutout.atomic import atomic_write_bytes
 from gutout.config import ConfigError
 
 from .config import TrainConfig, identity_differences, read_run_config
+from .stats import Estimate, estimate, paired_difference
 
 # Cutout's square side as a fraction of the image side (DeVries & Taylor 2017: 16 px of 32 on CIFAR-10,
 # 8 px on CIFAR-100; on Fashion-MNIST, which the paper does not cover, half the side, as on CIFAR-10).
@@ -37,23 +38,72 @@ def cutout_erased_fraction(side: float) -> float:
     return (side - side * side / 4) ** 2
 
 
-def run_overrides(run: str, dataset: str) -> dict[str, Any]:
+# The arms `compare` knows: TrainConfig overrides, and the one knob a numeric suffix sets ("cutout-0.25" is Cutout with
+# side 0.25, "gutout-area-0.1" erases the top 10 %). The baselines keep their published cut probability (Cutout:
+# every image; torchvision's RandomErasing: half); the Gutout arms take the trainer's `p`; `--p` sets every arm's.
+# Defaults: Cutout's side for the dataset; gutout-area erases the area Cutout's square covers on average, so the two
+# compare at matched erased area.
+ARMS = {
+    "none": (dict(policy="none"), None),
+    "cutout": (dict(policy="cutout", p=1.0), "size"),
+    "random-erasing": (dict(policy="erasing", p=0.5), None),
+    "gutout-threshold": (dict(policy="threshold"), "threshold"),
+    "gutout-area": (dict(policy="area"), "area"),
+    "gutout-box": (dict(policy="box"), "size"),
+}
+
+
+def run_overrides(run: str, dataset: str, p: float | None = None) -> dict[str, Any]:
+    """The TrainConfig overrides of arm `run` (a name of ARMS, optionally with "-<knob value>"); `p`, when given,
+    replaces every cutting arm's probability."""
+    name, knob_value = run, None
+    if run not in ARMS and "-" in run:
+        head, tail = run.rsplit("-", 1)
+        try:
+            name, knob_value = head, float(tail)
+        except ValueError:
+            pass
+    if name not in ARMS:
+        raise ConfigError(f"unknown comparison run {run!r}; runs: {', '.join(ARMS)} "
+                          "(those with a knob take a value too: cutout-0.25, gutout-area-0.1)")  # fmt: skip
+    overrides, knob = ARMS[name]
     size = CUTOUT_SIZE[dataset]
-    table = {
-        "none": dict(policy="none"),
-        "cutout": dict(policy="cutout", size=size),
-        "random-erasing": dict(policy="erasing"),
-        "gutout-threshold": dict(policy="threshold"),
-        "gutout-area": dict(policy="area", area=cutout_erased_fraction(size)),  # Cutout's erased area
-        "gutout-box": dict(policy="box", size=size),
-    }
-    if run not in table:
-        raise ConfigError(f"unknown comparison run {run!r}; runs: {', '.join(table)}")
-    return table[run]
+    overrides = dict(overrides)
+    if overrides["policy"] in ("cutout", "box"):
+        overrides["size"] = size
+    if overrides["policy"] == "area":
+        overrides["area"] = cutout_erased_fraction(size)  # Cutout's erased area
+    if knob_value is not None:
+        if knob is None:
+            raise ConfigError(f"comparison run {name!r} takes no value, got {run!r}")
+        overrides[knob] = knob_value
+    if p is not None and overrides["policy"] != "none":
+        overrides["p"] = p
+    return overrides
 
 
-def run_config(base: TrainConfig, run: str, seed: int) -> TrainConfig:
-    overrides = run_overrides(run, base.dataset)
+def parse_seeds(text: str | int) -> list[int]:
+    """--seeds: a count ("5" = 0..4), a range ("10-14") or a list ("3,7,9")."""
+    text = str(text).strip()
+    try:
+        if "," in text:
+            seeds = [int(s) for s in text.split(",") if s.strip()]
+        elif "-" in text.lstrip("-"):
+            lo, hi = (int(s) for s in text.split("-"))
+            if hi < lo:
+                raise ValueError
+            seeds = list(range(lo, hi + 1))
+        else:
+            seeds = list(range(int(text)))
+    except ValueError:
+        seeds = []
+    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds {text!r} must be a count (5), a range (10-14) or a list of distinct seeds (3,7,9)")
+    return seeds
+
+
+def run_config(base: TrainConfig, run: str, seed: int, p: float | None = None) -> TrainConfig:
+    overrides = run_overrides(run, base.dataset, p)
     name = f"{base.dataset}-{run}-k{base.ensemble}-s{seed}"
     return dataclasses.replace(base, **overrides, seed=seed, name=name)
 
@@ -80,8 +130,8 @@ def finished(cfg: TrainConfig) -> dict | None:
 
 
 def run_all(base: TrainConfig, runs: list[str], seeds: list[int], log=print, progress=None,
-            time_budget: float | None = None) -> dict:  # fmt: skip
-    """Train what is missing (resuming interrupted runs); returns {run: [final record per seed]}.
+            time_budget: float | None = None, p: float | None = None) -> dict[str, dict[int, dict]]:  # fmt: skip
+    """Train what is missing (resuming interrupted runs); returns {run: {seed: final record}}.
 
     Seed-major order (every run for seed 0, then seed 1, ...), so that when `time_budget` seconds are spent
     and no further run starts, every configuration still has its first seeds.
@@ -89,10 +139,10 @@ def run_all(base: TrainConfig, runs: list[str], seeds: list[int], log=print, pro
     from .trainer import Trainer
 
     start = time.monotonic()
-    results: dict[str, list[dict]] = {run: [] for run in runs}
+    results: dict[str, dict[int, dict]] = {run: {} for run in runs}
     for seed in seeds:
         for run in runs:
-            cfg = run_config(base, run, seed)
+            cfg = run_config(base, run, seed, p)
             record = finished(cfg)
             if record is None:
                 if time_budget is not None and time.monotonic() - start > time_budget:
@@ -103,98 +153,181 @@ def run_all(base: TrainConfig, runs: list[str], seeds: list[int], log=print, pro
                 record = Trainer(dataclasses.replace(cfg, resume=resume), log=log).run(progress=progress)
             else:
                 log(f"== {cfg.run_name}: done already")
-            results[run].append(record)
+            results[run][seed] = record
     return {run: records for run, records in results.items() if records}
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    mean = statistics.fmean(values)
-    return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
+# The columns of a results table: (key in a row, header, how a value prints). Ensemble metrics; for K = 1 the
+# ensemble is the single model.
+COLUMNS = [
+    ("error", "error (%)", 2),
+    ("nll", "NLL", 3),
+    ("ece", "ECE (%)", 2),
+    ("nll_ts", "NLL, T-scaled", 3),
+    ("ece_ts", "ECE, T-scaled (%)", 2),
+    ("occluded_random", "acc., random square occluded (%)", 1),
+    ("occluded_salient", "acc., top 20 % salient occluded (%)", 1),
+    ("occluded_box", "acc., salient box occluded (%)", 1),
+    ("erased", "erased in training (%)", 1),
+]
+ENSEMBLE_COLUMNS = [
+    ("member_error", "mean member error (%)", 2),
+    ("disagreement", "disagreement (%)", 2),
+    ("gain", "ensemble − mean member acc. (pp)", 2),
+]
 
 
-def summarise(results: dict[str, list[dict]], ensemble: int) -> list[dict[str, Any]]:
+def row_values(record: dict, split: str, ensemble: int) -> dict[str, float]:
+    """One run's numbers for the table's columns, from its final record, on `split`."""
+    e = f"{split}/ensemble"
+    values = {
+        "error": 100 * (1 - record[f"{e}/acc"]),
+        "nll": record[f"{e}/nll"],
+        "ece": 100 * record[f"{e}/ece"],
+        "occluded_random": 100 * record[f"{e}/occlusion/random_acc"],
+        "occluded_salient": 100 * record[f"{e}/occlusion/salient_acc"],
+        "occluded_box": 100 * record[f"{e}/occlusion/salient_box_acc"],
+        "erased": 100 * record["gutout/erased_frac"],
+        "minutes": record["time/run_s"] / 60,
+        "img_per_s": record["throughput/train_img_per_s"],
+    }
+    if f"{e}/nll_ts" in record:  # temperature scaling needs a validation split to fit on
+        values["nll_ts"], values["ece_ts"] = record[f"{e}/nll_ts"], 100 * record[f"{e}/ece_ts"]
+    if ensemble > 1:
+        member_acc = statistics.fmean(record[f"{split}/member/{m}/acc"] for m in range(ensemble))
+        values["member_error"] = 100 * (1 - member_acc)
+        values["disagreement"] = 100 * record[f"{e}/disagreement"]
+        values["gain"] = 100 * record[f"{e}/gain_over_mean_member"]
+    return values
+
+
+def summarise(results: dict[str, dict[int, dict]], base: TrainConfig, split: str, reference: str | None,
+              p: float | None = None) -> list[dict]:  # fmt: skip
+    """One row per run: its cut probability, an Estimate (mean ± s.e. over seeds) per column, and the paired
+    difference of its error to the reference run's over the seeds both have."""
+    ensemble = base.ensemble
+    per_seed = {run: {seed: row_values(r, split, ensemble) for seed, r in records.items()}
+                for run, records in results.items()}  # fmt: skip
     rows = []
-    for run, records in results.items():
-        row: dict[str, Any] = {"run": run, "seeds": len(records)}
-        row["error"] = _mean_std([100 * (1 - r["ensemble/val_acc"]) for r in records])
-        row["nll"] = _mean_std([r["ensemble/nll"] for r in records])
-        row["ece"] = _mean_std([100 * r["ensemble/ece"] for r in records])
-        row["erased"] = _mean_std([100 * r["gutout/erased_frac"] for r in records])
-        if ensemble > 1:
-            row["member_error"] = _mean_std(
-                [100 * (1 - statistics.fmean(r[f"member/{m}/val_acc"] for m in range(ensemble))) for r in records]
-            )
-            row["disagreement"] = _mean_std([100 * r["ensemble/disagreement"] for r in records])
-            row["gain"] = _mean_std([100 * r["ensemble/gain_over_mean_member"] for r in records])
+    for run, seeds in per_seed.items():
+        row: dict[str, Any] = {"run": run, "seeds": sorted(seeds), "p": run_config(base, run, 0, p).p}
+        for key in seeds[next(iter(seeds))]:
+            row[key] = estimate([values[key] for values in seeds.values()])
+        if reference is not None and reference in per_seed and run != reference:
+            row["delta_error"] = paired_difference({s: v["error"] for s, v in seeds.items()},
+                                                   {s: v["error"] for s, v in per_seed[reference].items()})  # fmt: skip
         rows.append(row)
     return rows
 
 
-def _fmt(pair: tuple[float, float], digits: int = 2) -> str:
-    return f"{pair[0]:.{digits}f} ± {pair[1]:.{digits}f}"
+def _fmt(value: Estimate | None, digits: int) -> str:
+    if value is None:
+        return "–"
+    if value.n < 2:
+        return f"{value.mean:.{digits}f}"
+    return f"{value.mean:.{digits}f} ± {value.se:.{digits}f}"
 
 
-def results_markdown(rows: list[dict], base: TrainConfig, command: str, extra: str = "") -> str:
+def _fmt_delta(delta: Estimate | None) -> str:
+    if delta is None:  # no seed in common with the reference
+        return "–"
+    if delta.n < 2:
+        return f"{delta.mean:+.2f} (1 seed)"
+    text = f"{delta.mean:+.2f} [{delta.lo:+.2f}, {delta.hi:+.2f}]"
+    return f"**{text}**" if delta.excludes_zero else text
+
+
+def split_description(base: TrainConfig, split: str) -> str:
+    if split == "val":
+        return f"the validation split ({base.val_split} training samples held out, stratified; chosen on)"
+    if base.val_split:
+        return "the test set, evaluated once after the last epoch (settings were chosen on the validation split)"
+    return "the test set, which was also evaluated after every epoch (no validation split)"
+
+
+def results_markdown(rows: list[dict], base: TrainConfig, command: str, split: str, reference: str | None,
+                     extra: str = "") -> str:  # fmt: skip
     ensemble = base.ensemble
-    scale = (f"{base.dataset}, {'full training set' if base.subset is None else f'{base.subset}-sample subset'}, "
-             f"{base.model_name}, {base.epochs} epochs, batch {base.batch_size}, K = {ensemble}, "
-             f"p = {base.p} for every cutting policy")  # fmt: skip
-    head = "| run | test error (%) | NLL | ECE (%) | erased (%) |"
-    rule = "|---|---|---|---|---|"
-    if ensemble > 1:
-        head += " mean member error (%) | disagreement (%) | ensemble − mean member acc (pp) |"
-        rule += "---|---|---|"
+    data = "full training set" if base.subset is None else f"{base.subset}-sample subset"
+    if base.val_split:
+        data += f" (after holding out {base.val_split} for validation)"
+    width = f" × {base.width} width" if base.width != 1 else ""
+    scale = (f"{base.dataset}, {data}, {base.model_name}{width}, {base.epochs} epochs ({base.schedule} schedule), "
+             f"batch {base.batch_size}, K = {ensemble}")  # fmt: skip
+    columns = [c for c in COLUMNS if any(c[0] in r for r in rows)] + (ENSEMBLE_COLUMNS if ensemble > 1 else [])
+    head = ["run", "p", "seeds", f"Δ error vs {reference} (pp) [95 % CI]" if reference else None]
+    head = [h for h in head if h] + [c[1] for c in columns] + ["minutes per run", "train img/s"]
     lines = [
         f"# Does Gutout work? ({base.dataset})",
         "",
         f"Scale: {scale}.",
         "",
+        f"Metrics on {split_description(base, split)}.",
+        "",
         f"Command: `{command}`",
         "",
-        head,
-        rule,
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
     ]
     for row in rows:
-        line = (f"| {row['run']} ({row['seeds']} seeds) | {_fmt(row['error'])} | {_fmt(row['nll'], 3)} "
-                f"| {_fmt(row['ece'])} | {_fmt(row['erased'], 1)} |")  # fmt: skip
-        if ensemble > 1:
-            line += f" {_fmt(row['member_error'])} | {_fmt(row['disagreement'])} | {_fmt(row['gain'])} |"
-        lines.append(line)
+        cells = [row["run"], "–" if row["run"] == "none" else f"{row['p']:g}", ",".join(map(str, row["seeds"]))]
+        if reference:
+            cells.append("reference" if row["run"] == reference else _fmt_delta(row.get("delta_error")))
+        cells += [_fmt(row.get(key), digits) for key, _, digits in columns]
+        cells += [_fmt(row["minutes"], 1), _fmt(row["img_per_s"], 0)]
+        lines.append("| " + " | ".join(cells) + " |")
+    paired = (
+        f"Δ error: the mean over seeds of (run − {reference}) with the same seed (same initialisation, data order "
+        "and subset), with a Student-t 95 % confidence interval; **bold** where it excludes 0. "
+    )
     lines += [
         "",
-        "Mean ± sample standard deviation over seeds; error, NLL and ECE of the ensemble's mean softmax "
-        "(of the single model when K = 1) on the full test set.",
+        "p: the probability that a training image is cut. Mean ± standard error over seeds. Error, NLL, ECE and "
+        "occluded accuracies are the ensemble's (mean softmax; the single model when K = 1); T-scaled: after one "
+        "temperature fitted on the validation split. " + (paired if reference else "") + "Minutes per run: wall time "
+        "from the first step to the last metric, on the machine that ran it.",
         "",
-        "Anchors from the literature, at far larger budgets (not comparable to a few CPU epochs): Random Erasing "
-        "on Fashion-MNIST, ResNet-20: 4.39 % → 4.02 % error (300 epochs); WRN-28-10: 4.01 % → 3.65 % "
-        "(Zhong et al. 2020).",
+        "Anchors from the literature, at far larger budgets: Random Erasing on Fashion-MNIST, ResNet-20: 4.39 % → "
+        "4.02 % error (300 epochs); WRN-28-10: 4.01 % → 3.65 % (Zhong et al. 2020).",
     ]
     if extra:
         lines += ["", extra]
     return "\n".join(lines) + "\n"
 
 
-def results_figure(rows: list[dict], path: Path, title: str) -> None:
+def results_figure(rows: list[dict], path: Path, title: str, reference: str | None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [r["run"] for r in rows]
-    fig, axes = plt.subplots(1, 3 if "disagreement" in rows[0] else 2, figsize=(12, 3.8))
-    panels = [("error", "test error (%)"), ("nll", "NLL")] + (
-        [("disagreement", "disagreement (%)")] if "disagreement" in rows[0] else []
-    )
+    panels = [("error", "error (%)"), ("delta_error", f"Δ error vs {reference} (pp), 95 % CI"),
+              ("occluded_salient", "acc., salient occluded (%)")]  # fmt: skip
+    if "disagreement" in rows[0]:
+        panels.append(("disagreement", "disagreement (%)"))
+    if reference is None:
+        panels.pop(1)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.8))
+    x = range(len(rows))
     for ax, (key, label) in zip(axes, panels, strict=True):
-        means = [r[key][0] for r in rows]
-        stds = [r[key][1] for r in rows]
-        ax.bar(range(len(rows)), means, yerr=stds, capsize=3, color=[f"C{i}" for i in range(len(rows))])
-        ax.set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=8)
-        ax.set_ylabel(label)
-        low = min(m - s for m, s in zip(means, stds, strict=True))
-        high = max(m + s for m, s in zip(means, stds, strict=True))
-        pad = max((high - low) * 0.3, 1e-3)
-        ax.set_ylim(max(0.0, low - pad), high + pad) if math.isfinite(low) else None
+        values = [r.get(key) for r in rows]
+        means = [v.mean if v is not None else math.nan for v in values]
+        if key == "delta_error":  # a confidence interval, not a standard error
+            low = [v.mean - v.lo if v is not None and v.n > 1 else 0 for v in values]
+            high = [v.hi - v.mean if v is not None and v.n > 1 else 0 for v in values]
+            colours = ["C3" if v is not None and v.excludes_zero else "C7" for v in values]
+            ax.bar(x, means, yerr=[low, high], capsize=3, color=colours)
+            ax.axhline(0, color="k", lw=0.8)
+        else:
+            errors = [v.se if v is not None and v.n > 1 else 0 for v in values]
+            ax.bar(x, means, yerr=errors, capsize=3, color=[f"C{i}" for i in x])
+            finite = [(m - e, m + e) for m, e in zip(means, errors, strict=True) if math.isfinite(m)]
+            if finite:
+                lo, hi = min(f[0] for f in finite), max(f[1] for f in finite)
+                pad = max((hi - lo) * 0.3, 1e-3)
+                ax.set_ylim(max(0.0, lo - pad), hi + pad)
+        ax.set_xticks(list(x), [r["run"] for r in rows], rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel(label, fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -202,8 +335,11 @@ def results_figure(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def write_results(rows: list[dict], base: TrainConfig, out_dir: Path, command: str, extra: str = "") -> Path:
+def write_results(rows: list[dict], base: TrainConfig, out_dir: Path, command: str, split: str,
+                  reference: str | None, extra: str = "") -> Path:  # fmt: skip
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out_dir / "results.md", results_markdown(rows, base, command, extra).encode())
-    results_figure(rows, out_dir / "results.png", f"{base.dataset}, K = {base.ensemble}, {base.epochs} epochs")
+    text = results_markdown(rows, base, command, split, reference, extra)
+    atomic_write_bytes(out_dir / "results.md", text.encode())
+    title = f"{base.dataset}, {base.model_name}, K = {base.ensemble}, {base.epochs} epochs, {split} split"
+    results_figure(rows, out_dir / "results.png", title, reference)
     return out_dir / "results.md"

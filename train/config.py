@@ -11,8 +11,9 @@ import tomllib
 
 from gutout.config import ConfigError, check_choice, check_range, from_mapping
 
+from .models import CIFAR_NETS, MODELS
+
 DATASETS = ("fashion-mnist", "cifar10", "cifar100", "imagenet", "folder")
-MODELS = ("small-resnet", "resnet18-cifar", "resnet18", "resnet34", "resnet50")
 POLICIES = ("threshold", "area", "box", "cutout", "erasing", "none")
 SALIENCY_POLICIES = ("threshold", "area", "box")  # the policies that read maps from the cache
 
@@ -31,6 +32,7 @@ class TrainConfig:
     data: str | None = None  # dataset folder; fashion-mnist falls back to Debian's package, then a download
     ensemble: int = 1  # K members; K = 1 is self-Gutout, K > 1 cuts each member with its peers' saliency
     model: str | None = None  # None: small-resnet for <= 32 px datasets, resnet18 for ImageNet-sized ones
+    width: float = 1.0  # channel multiplier of the CIFAR-style nets (capacity without depth)
     epochs: int = 10
     # 128 rather than 256: twice the steps per epoch; the small ResNet on full Fashion-MNIST, 4 epochs, no cut:
     # 89.6 % test accuracy at 256, 90.2 % at 128.
@@ -61,6 +63,9 @@ class TrainConfig:
     backend: str = "auto"  # "auto": tensor for in-memory datasets, dali for image folders
     skip_corrupt: bool = False  # image folders: decode every file once and leave out those that fail
     subset: int | None = None  # train on a fixed seeded subset of N samples (the full test set still evaluates)
+    # Hold out N training samples (stratified, the same for every seed): per-epoch metrics are computed on them and
+    # the test set is read once, after the last epoch. 0: no split; per-epoch metrics are on the test set.
+    val_split: int = 0
     image_size: int | None = None  # None: the dataset's own size (arrays) or 224 (folders)
     device: str = "auto"  # "auto": cuda when available, else cpu
     amp: bool = True  # mixed precision and channels-last, on CUDA only
@@ -94,13 +99,17 @@ class TrainConfig:
         if self.preset is not None:
             check_choice(name, "preset", self.preset, tuple(PRESETS))
         minimums = dict(ensemble=1, epochs=1, batch_size=1, refresh_every=1, eval_batch_size=1, num_threads=0,
-                        warmup_epochs=0, sample_grid=0)  # fmt: skip
+                        warmup_epochs=0, sample_grid=0, val_split=0)  # fmt: skip
         for key, lo in minimums.items():
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < lo:
                 raise ConfigError(f"{name}.{key}={value!r} must be an integer >= {lo}")
         if self.subset is not None and (not isinstance(self.subset, int) or self.subset < 1):
             raise ConfigError(f"{name}.subset={self.subset!r} must be a positive integer")
+        check_range(name, "width", self.width, 0.0, 64.0, lo_open=True)
+        if self.width != 1.0 and self.model_name not in CIFAR_NETS:
+            raise ConfigError(f"{name}.width={self.width!r} applies to the CIFAR-style models "
+                              f"({', '.join(CIFAR_NETS)}), not {self.model_name!r}")  # fmt: skip
         check_range(name, "lr", self.lr, 0.0, 100.0, lo_open=True)
         check_range(name, "momentum", self.momentum, 0.0, 1.0)
         check_range(name, "weight_decay", self.weight_decay, 0.0, 1.0)

@@ -56,17 +56,18 @@ def save_curves(history: list[dict], members: int, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [r for r in history if "ensemble/val_acc" in r]
-    if not records:
+    if not history:
         return
+    split = "val" if "val/ensemble/acc" in history[0] else "test"  # what every epoch was scored on
+    records = [r for r in history if f"{split}/ensemble/acc" in r]
     epochs = [r["epoch"] for r in records]
     fig, (acc_ax, dis_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
     for m in range(members):
-        acc_ax.plot(epochs, [100 * r[f"member/{m}/val_acc"] for r in records], "--", label=f"member {m}")
-    acc_ax.plot(epochs, [100 * r["ensemble/val_acc"] for r in records], "k-", lw=2, label="ensemble")
-    acc_ax.set(xlabel="epoch", ylabel="test accuracy (%)", title="accuracy")
+        acc_ax.plot(epochs, [100 * r[f"{split}/member/{m}/acc"] for r in records], "--", label=f"member {m}")
+    acc_ax.plot(epochs, [100 * r[f"{split}/ensemble/acc"] for r in records], "k-", lw=2, label="ensemble")
+    acc_ax.set(xlabel="epoch", ylabel=f"{'validation' if split == 'val' else 'test'} accuracy (%)", title="accuracy")
     acc_ax.legend(fontsize=8)
-    dis_ax.plot(epochs, [100 * r["ensemble/disagreement"] for r in records], "C3-", label="disagreement")
+    dis_ax.plot(epochs, [100 * r[f"{split}/ensemble/disagreement"] for r in records], "C3-", label="disagreement")
     dis_ax.plot(epochs, [100 * r["gutout/erased_frac"] for r in records], "C2:", label="erased fraction")
     dis_ax.set(xlabel="epoch", ylabel="%", title="pairwise disagreement / erased area")
     dis_ax.legend(fontsize=8)

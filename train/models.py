@@ -53,23 +53,37 @@ class CifarResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))  # (B, classes)
 
 
+# The CIFAR-style nets: (channels per stage, blocks per stage). Their last stage is `layer<N>`, 7x7 at 28 px.
+CIFAR_NETS = {
+    "small-resnet": ((16, 32, 64), (1, 1, 1)),  # ResNet-8: the fast default for <= 32 px data
+    "resnet20": ((16, 32, 64), (3, 3, 3)),  # He et al. 2016's CIFAR ResNet-20 (Random Erasing's F-MNIST model)
+    "resnet18-cifar": ((64, 128, 256, 512), (2, 2, 2, 2)),  # the Cutout paper's CIFAR ResNet-18
+}
+TORCHVISION_NETS = ("resnet18", "resnet34", "resnet50")
+MODELS = (*CIFAR_NETS, *TORCHVISION_NETS)
+
+
+def cifar_resnet(name: str, num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> CifarResNet:
+    """A CIFAR-style net by name, every stage's channels multiplied by `width` (rounded, at least 1)."""
+    widths, blocks = CIFAR_NETS[name]
+    return CifarResNet(tuple(max(1, round(w * width)) for w in widths), blocks, num_classes, in_channels)
+
+
 def small_resnet(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
-    """16/32/64 channels, one block per stage: ~50 s per Fashion-MNIST epoch on 2 CPU cores; 7x7 maps."""
-    return CifarResNet((16, 32, 64), (1, 1, 1), num_classes, in_channels)
+    return cifar_resnet("small-resnet", num_classes, in_channels)
 
 
 def resnet18_cifar(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
-    """The CIFAR ResNet-18 of the Cutout paper's code (64-512 channels, 4x4 maps at 32 px)."""
-    return CifarResNet((64, 128, 256, 512), (2, 2, 2, 2), num_classes, in_channels)
+    return cifar_resnet("resnet18-cifar", num_classes, in_channels)
 
 
-def build_model(name: str, num_classes: int, in_channels: int) -> nn.Module:
+def build_model(name: str, num_classes: int, in_channels: int, width: float = 1.0) -> nn.Module:
     """A model by name; ImageNet-sized torchvision ResNets take a 1-channel stem when the data is grayscale."""
-    if name == "small-resnet":
-        return small_resnet(num_classes, in_channels)
-    if name == "resnet18-cifar":
-        return resnet18_cifar(num_classes, in_channels)
-    if name in ("resnet18", "resnet34", "resnet50"):
+    if name in CIFAR_NETS:
+        return cifar_resnet(name, num_classes, in_channels, width)
+    if name in TORCHVISION_NETS:
+        if width != 1.0:
+            raise ValueError(f"width multiplier {width} applies to the CIFAR-style nets only, not {name!r}")
         import torchvision
 
         model = getattr(torchvision.models, name)(num_classes=num_classes)

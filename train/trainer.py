@@ -18,6 +18,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -29,13 +30,14 @@ from gutout.cache import CacheSnapshotError, check_header
 from gutout.config import ConfigError
 from gutout.gradcam import default_layer, preserved_modes
 from gutout.pipelines import ArrayDataset, GutoutLoader, LoaderConfig, make_source
-from gutout.pipelines.datasets import load_cifar, load_fashion_mnist, load_folder
+from gutout.pipelines.datasets import load_cifar, load_fashion_mnist, load_folder, stratified_split
 from gutout.pipelines.normalise import resolve_stats
 
 from .config import SALIENCY_POLICIES, TrainConfig, identity_differences
 from .distributed import Runtime, plan_layout
+from .evaluation import OCCLUSIONS, Evaluator
 from .figures import sample_grid, save_curves, save_png
-from .metrics import ensemble_metrics
+from .metrics import ensemble_log_probs, ensemble_metrics, fit_temperature, temperature_scaled
 from .models import build_model
 from .tracking import Tracker
 
@@ -64,8 +66,20 @@ class Member:
 # -- data ------------------------------------------------------------------------------------------------
 
 
-def load_datasets(cfg: TrainConfig):
-    """(train, test) datasets; the train set cut to a fixed seeded subset when `subset` is set."""
+# The validation split's draw has a seed of its own, not the run's: every seed and configuration of a comparison is
+# validated on the same samples, and each run's --subset is drawn from the samples left for training.
+VALIDATION_SEED = 0x5EED
+
+
+class Splits(NamedTuple):
+    train: object
+    val: object | None  # held out of the training set (--val-split), or None
+    test: object
+
+
+def load_datasets(cfg: TrainConfig) -> Splits:
+    """The splits; `val_split` samples held out of the training set (stratified, seeded by VALIDATION_SEED), and
+    the rest cut to a subset seeded by the run's seed when `subset` is set."""
     if cfg.dataset == "fashion-mnist":
         train, test = load_fashion_mnist("train", cfg.data), load_fashion_mnist("test", cfg.data)
     elif cfg.dataset in ("cifar10", "cifar100"):
@@ -81,12 +95,22 @@ def load_datasets(cfg: TrainConfig):
             extra = sorted(set(test.classes) - set(train.classes))
             raise ConfigError(f"{root / 'val'} and {root / 'train'} must hold the same class folders "
                               f"(missing from val: {missing or 'none'}; only in val: {extra or 'none'})")  # fmt: skip
+    val, pool = None, torch.arange(len(train))  # pool: the positions training may use
+    if cfg.val_split:
+        if cfg.val_split >= len(train):
+            raise ConfigError(f"--val-split {cfg.val_split} leaves none of the {len(train)} training samples of "
+                              f"{cfg.dataset} to train on")  # fmt: skip
+        held_out, pool = stratified_split(train.labels, cfg.val_split, torch.Generator().manual_seed(VALIDATION_SEED))
+        val = train.subset(held_out, tag="val")
     if cfg.subset is not None:
-        if cfg.subset > len(train):
-            raise ConfigError(f"--subset {cfg.subset} exceeds the {len(train)} training samples of {cfg.dataset}")
-        chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.subset]
+        if cfg.subset > len(pool):
+            after = f" left after --val-split {cfg.val_split}" if cfg.val_split else ""
+            raise ConfigError(f"--subset {cfg.subset} exceeds the {len(pool)} training samples{after} of {cfg.dataset}")
+        chosen = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.subset]]
         train = train.subset(chosen.sort().values)
-    return train, test
+    elif cfg.val_split:
+        train = train.subset(pool)
+    return Splits(train, val, test)
 
 
 def resolve_backend(cfg: TrainConfig, dataset) -> str:
@@ -148,7 +172,8 @@ class Trainer:
         self.runtime.member_groups(self.layout, cfg.ensemble)
         self.amp = cfg.amp and self.device.type == "cuda"
         self.run_dir = cfg.run_dir
-        self.train_set, self.test_set = load_datasets(cfg)
+        self.train_set, self.val_set, self.test_set = load_datasets(cfg)
+        self.eval_split = "val" if self.val_set is not None else "test"  # what every epoch is scored on
         self.backend = resolve_backend(cfg, self.train_set)
         self.num_classes = len(self.train_set.classes)
         self.mean, self.std = resolve_stats(self.train_set, LoaderConfig())
@@ -167,6 +192,11 @@ class Trainer:
         self.stage_config = StageConfig.from_flat(cfg.stage_options())
         for m in self.layout.members:
             self.members.append(self._make_member(m, self.stage_config))
+        self.evaluator = Evaluator(
+            {m.index: m.net for m in self.members}, cfg.ensemble, self.num_classes,
+            dataclasses.replace(self.loader_config, batch_size=cfg.eval_batch_size), self.runtime.all_gather_rows,
+            self._autocast, self.layer, channels_last=self.amp,
+        )  # fmt: skip
         self.history: list[dict] = []
         self.start_epoch = 0
 
@@ -174,7 +204,8 @@ class Trainer:
 
     def _new_model(self, member: int) -> torch.nn.Module:
         torch.manual_seed(self.cfg.seed * 1000 + member)  # each member its own initialisation
-        model = build_model(self.cfg.model_name, self.num_classes, self.train_set.channels).to(self.device)
+        model = build_model(self.cfg.model_name, self.num_classes, self.train_set.channels, self.cfg.width)
+        model = model.to(self.device)
         if self.amp:
             model = model.to(memory_format=torch.channels_last)
         return model
@@ -435,27 +466,30 @@ class Trainer:
                 "lower --lr or check the data"
             )
 
-    @torch.no_grad()
-    def evaluate(self) -> tuple[dict, torch.Tensor]:
-        """Every member on the whole test set: each rank scores its members on its group's shard, and the
-        logits of all ranks are gathered, so ensemble metrics see every member on the same samples."""
-        config = dataclasses.replace(self.loader_config, batch_size=self.cfg.eval_batch_size)
-        source = make_source(self.test_set, "val", config)
-        rows = []  # (member, sample index, logits...) per sample and local member
-        for member in self.members:
-            member.net.eval()
-        labels = self.test_set.labels
-        for batch in source:
-            images = batch.images.contiguous(memory_format=torch.channels_last) if self.amp else batch.images
-            with self._autocast():
-                for member in self.members:
-                    logits = member.net(images).float()  # (B, classes)
-                    ids = torch.stack([torch.full_like(batch.indices, member.index), batch.indices], 1).float()
-                    rows.append(torch.cat([ids, logits], 1))
-        gathered = self.runtime.all_gather_rows(torch.cat(rows)).cpu()  # (K * N, 2 + classes)
-        stacked = torch.zeros(self.cfg.ensemble, len(self.test_set), self.num_classes)
-        stacked[gathered[:, 0].long(), gathered[:, 1].long()] = gathered[:, 2:]
-        return ensemble_metrics(stacked, labels), stacked
+    def evaluate(self, split: str) -> tuple[dict, torch.Tensor]:
+        """Every member on all of `split` ("val" or "test"): (metrics keyed `<split>/...`, logits (K, N, classes))."""
+        dataset = self._split_set(split)
+        logits = self.evaluator.logits(dataset)
+        return prefixed(split, ensemble_metrics(logits, dataset.labels)), logits
+
+    def final_evaluation(self, eval_logits: torch.Tensor) -> dict:
+        """At the end of the run: the test set, read once here when a validation split exists; calibration after
+        temperature scaling (fitted on the validation split); occlusion robustness on every evaluated split."""
+        record, splits = {}, {self.eval_split: (eval_logits, self._split_set(self.eval_split).labels)}
+        if self.val_set is not None:
+            metrics, test_logits = self.evaluate("test")
+            record.update(metrics)
+            splits["test"] = (test_logits, self.test_set.labels)
+            val_logits, val_labels = splits["val"]
+            temperature = fit_temperature(ensemble_log_probs(val_logits), val_labels)
+            for split, (logits, labels) in splits.items():
+                record.update(prefixed(split, temperature_scaled(temperature, logits, labels)))
+        for split in splits:
+            record.update(prefixed(split, self.evaluator.occlusion(self._split_set(split))))
+        return record
+
+    def _split_set(self, split: str):
+        return self.val_set if split == "val" else self.test_set
 
     # -- figures -----------------------------------------------------------------------------------------
 
@@ -527,14 +561,19 @@ class Trainer:
             if self.start_epoch == 0 and self._refresh_due(0):
                 self.refresh(epoch=-1)
             for epoch in range(self.start_epoch, cfg.epochs):
+                started = time.perf_counter()
                 record = {"epoch": epoch}
                 record.update(self.train_epoch(epoch, progress))
                 refresh_s, received = self.refresh(epoch) if self._refresh_due(epoch + 1) else self._sync_harvest()
                 record["time/refresh_s"] = refresh_s
                 if self.runtime.distributed:
                     record["dist/cache_bytes_received"] = received
-                metrics, _ = self.evaluate()
+                metrics, logits = self.evaluate(self.eval_split)
                 record.update(metrics)
+                if epoch == cfg.epochs - 1:
+                    record.update(self.final_evaluation(logits))
+                record["time/epoch_s"] = time.perf_counter() - started  # training to the last metric, per epoch
+                record["time/run_s"] = record["time/epoch_s"] + (self.history[-1]["time/run_s"] if self.history else 0)
                 if main:
                     grid = self.sample_images() if cfg.wandb != "disabled" else None
                     tracker.log(record, images={"samples": grid.numpy()} if grid is not None else None)
@@ -550,11 +589,22 @@ class Trainer:
         return self.history[-1] if self.history else {}
 
 
+def prefixed(split: str, metrics: dict) -> dict:
+    """Metric keys under the split they were computed on: `val/ensemble/acc`, `test/member/0/nll`."""
+    return {f"{split}/{key}": value for key, value in metrics.items()}
+
+
+def eval_split(record: dict) -> str:
+    """The split a record's per-epoch metrics were computed on."""
+    return "val" if "val/ensemble/acc" in record else "test"
+
+
 def _epoch_line(record: dict, members: int) -> str:
-    accs = " ".join(f"{100 * record[f'member/{m}/val_acc']:.2f}" for m in range(members))
+    split = eval_split(record)
+    accs = " ".join(f"{100 * record[f'{split}/member/{m}/acc']:.2f}" for m in range(members))
     return (
-        f"epoch {record['epoch']}: members {accs} | ensemble {100 * record['ensemble/val_acc']:.2f}% "
-        f"| disagreement {100 * record['ensemble/disagreement']:.1f}% "
+        f"epoch {record['epoch']}: {split} members {accs} | ensemble {100 * record[f'{split}/ensemble/acc']:.2f}% "
+        f"| disagreement {100 * record[f'{split}/ensemble/disagreement']:.1f}% "
         f"| erased {100 * record['gutout/erased_frac']:.1f}% "
         f"| {record['throughput/train_img_per_s']:.0f} img/s | refresh {record['time/refresh_s']:.1f} s"
     )
@@ -575,18 +625,26 @@ class _no_progress:  # noqa: N801 - a drop-in for tqdm's constructor
 
 
 def summary_table(record: dict, members: int) -> str:
-    """The end-of-run summary as a Markdown table."""
-    rows = [("member " + str(m), f"{100 * record[f'member/{m}/val_acc']:.2f}", f"{record[f'member/{m}/val_nll']:.3f}")
-            for m in range(members)]  # fmt: skip
-    rows.append(("ensemble", f"{100 * record['ensemble/val_acc']:.2f}", f"{record['ensemble/nll']:.3f}"))
-    lines = ["| model | test acc (%) | NLL |", "|---|---|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    """The end-of-run summary as a Markdown table: the test set, and the validation split when there is one."""
+    splits = [s for s in ("val", "test") if f"{s}/ensemble/acc" in record]
+    head = "| model | " + " | ".join(f"{s} acc (%) | {s} NLL" for s in splits) + " |"
+    lines = [head, "|---|" + "---|---|" * len(splits)]
+    for name, key in [(f"member {m}", f"member/{m}") for m in range(members)] + [("ensemble", "ensemble")]:
+        cells = [f"{100 * record[f'{s}/{key}/acc']:.2f} | {record[f'{s}/{key}/nll']:.3f}" for s in splits]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    final = splits[-1]
+    occluded = " / ".join(f"{100 * record[f'{final}/ensemble/occlusion/{o}_acc']:.1f}" for o in OCCLUSIONS)
     lines += [
         "",
-        f"ensemble ECE {100 * record['ensemble/ece']:.2f}% | disagreement {100 * record['ensemble/disagreement']:.2f}% "
-        f"| erased fraction {100 * record['gutout/erased_frac']:.1f}% "
+        f"{final}: ensemble ECE {100 * record[f'{final}/ensemble/ece']:.2f}%"
+        + (f" ({100 * record[f'{final}/ensemble/ece_ts']:.2f}% after temperature scaling)"
+           if f"{final}/ensemble/ece_ts" in record else "")
+        + f" | disagreement {100 * record[f'{final}/ensemble/disagreement']:.2f}%"
+        f" | occluded acc random / salient / salient box {occluded}%",
+        f"erased fraction {100 * record['gutout/erased_frac']:.1f}% "
         f"| {record['throughput/train_img_per_s']:.0f} train img/s (all members) "
-        f"| loader wait {100 * record['throughput/loader_wait_frac']:.1f}%",
-    ]
+        f"| loader wait {100 * record['throughput/loader_wait_frac']:.1f}% | {record['time/run_s']:.0f} s in all",
+    ]  # fmt: skip
     return "\n".join(lines)
 
 

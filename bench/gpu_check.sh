@@ -70,7 +70,7 @@ if [ $DRY = 1 ]; then
   step train-step $PY bench/train_step.py --device cpu --model resnet18 --batch 4 --size 64 --steps 1 --blocks 1
   $PY -c "from pathlib import Path; from tests.conftest import fake_fashion_mnist; fake_fashion_mnist(Path('fake'))"
   step compare $PY -m gutout.train.cli compare fashion-mnist --data fake --runs none,gutout-threshold --seeds 1 \
-    --epochs 1 --subset 64 --batch-size 32 --device cpu --backend tensor --out compare --no-progress
+    --epochs 1 --subset 64 --val-split 64 --batch-size 32 --device cpu --backend tensor --out compare --no-progress
   compare_results compare
 else
   step tests $PY -m pytest -q -rs tests/test_kernels.py tests/test_gradcam.py tests/test_cut.py

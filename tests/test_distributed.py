@@ -84,7 +84,7 @@ def test_ddp_groups_and_several_members_per_rank(data, tmp_path):
     packed = gutout(*common(data, tmp_path, "--ensemble", "3", "--subset", "256", "--epochs", "1", "--nproc", "2",
                             "--name", "packed"))  # fmt: skip
     assert packed.returncode == 0, packed.stdout[-3000:] + packed.stderr[-3000:]
-    assert all(f"member/{m}/val_acc" in metrics(tmp_path / "packed")[-1] for m in range(3))
+    assert all(f"test/member/{m}/acc" in metrics(tmp_path / "packed")[-1] for m in range(3))
     bad = gutout(*common(data, tmp_path, "--ensemble", "2", "--nproc", "3", "--name", "bad"))
     assert bad.returncode != 0 and "cannot place 2 ensemble members on 3 processes" in bad.stdout + bad.stderr
 

@@ -19,4 +19,4 @@ def test_gpu_check_dry_run(tmp_path):
                  "compare.txt", "compare-results.md", "compare-results.png"):  # fmt: skip
         assert name in produced, produced
     assert "| gutout |" in (tmp_path / "train-step.txt").read_text()
-    assert "| gutout-threshold (1 seeds) |" in (tmp_path / "compare-results.md").read_text()
+    assert "| gutout-threshold | 0.5 | 0 |" in (tmp_path / "compare-results.md").read_text()

@@ -19,9 +19,9 @@ from gutout.train.trainer import NonFiniteLoss, Trainer, git_revision
 from tests.conftest import fake_fashion_mnist
 
 EPOCH_KEYS = [
-    "epoch", "member/0/val_acc", "member/0/val_nll", "member/1/val_acc", "ensemble/val_acc",
-    "ensemble/disagreement", "ensemble/nll", "ensemble/ece", "throughput/train_img_per_s",
-    "throughput/loader_wait_frac", "time/refresh_s", "gutout/erased_frac",
+    "epoch", "test/member/0/acc", "test/member/0/nll", "test/member/1/acc", "test/ensemble/acc",
+    "test/ensemble/disagreement", "test/ensemble/nll", "test/ensemble/ece", "throughput/train_img_per_s",
+    "throughput/loader_wait_frac", "time/refresh_s", "gutout/erased_frac", "time/epoch_s", "time/run_s",
 ]  # fmt: skip
 TIMING = ("throughput/", "time/")
 
@@ -53,7 +53,7 @@ def test_tiny_ensemble_run_end_to_end(data, tmp_path):
     assert [r["epoch"] for r in records] == [0, 1, 2]
     for record in records:
         assert all(key in record for key in EPOCH_KEYS), sorted(set(EPOCH_KEYS) - set(record))
-    assert records[-1]["ensemble/val_acc"] > 0.5  # the synthetic classes are easy (chance: 0.1)
+    assert records[-1]["test/ensemble/acc"] > 0.5  # the synthetic classes are easy (chance: 0.1)
     assert records[0]["time/refresh_s"] > 0 and records[-1]["time/refresh_s"] == 0  # none after the last epoch
     assert 0 < records[-1]["gutout/erased_frac"] < 1
     for name in ("samples.png", "curves.png", "checkpoint.pt", "cache.gsc", "config.yaml", "git-revision"):
@@ -221,18 +221,20 @@ def test_sigkill_and_resume_gives_the_same_metrics(data, tmp_path):
 
 def test_compare_runs_each_configuration_once_and_writes_results(data, tmp_path):
     args = ["compare", "fashion-mnist", "--data", str(data), "--runs", "none,cutout,gutout-area", "--seeds", "2",
-            "--epochs", "2", "--subset", "128", "--batch-size", "32", "--out", str(tmp_path),
+            "--epochs", "2", "--subset", "128", "--val-split", "128", "--batch-size", "32", "--out", str(tmp_path),
             "--no-progress"]  # fmt: skip
     first = CliRunner().invoke(main, args)
     assert first.exit_code == 0, first.output
     text = (tmp_path / "results.md").read_text()
-    for run in ("none (2 seeds)", "cutout (2 seeds)", "gutout-area (2 seeds)"):
-        assert run in text
+    for row in ("| none | – | 0,1 | ", "| cutout | 1 | 0,1 | reference |", "| gutout-area | 0.5 | 0,1 | "):
+        assert row in text, text
+    assert "Metrics on the validation split (128 training samples held out" in text
     assert "4.39 % → 4.02 %" in text and (tmp_path / "results.png").exists()
     cfg = json.loads((tmp_path / "fashion-mnist-gutout-area-k1-s1" / "metrics.jsonl").read_text().splitlines()[-1])
     assert cfg["epoch"] == 1 and cfg["gutout/erased_frac"] > 0
-    again = CliRunner().invoke(main, args)  # finished runs are not repeated
+    again = CliRunner().invoke(main, [*args, "--split", "test"])  # finished runs are not repeated
     assert again.exit_code == 0 and again.output.count("done already") == 6
+    assert "the test set, evaluated once after the last epoch" in (tmp_path / "results.md").read_text()
     bad = CliRunner().invoke(main, [*args[:5], "mixup", *args[6:]])
     assert bad.exit_code != 0 and "unknown comparison run 'mixup'" in bad.output
     nothing = CliRunner().invoke(main, [*args, "--time-budget", "0", "--runs", "random-erasing"])
@@ -241,12 +243,12 @@ def test_compare_runs_each_configuration_once_and_writes_results(data, tmp_path)
     config.write_text("epochs: 1\nensemble: 2\n")  # a config file sets what compare's own defaults would
     from_file = CliRunner().invoke(main, ["compare", "fashion-mnist", "--data", str(data), "--runs", "none", "--seeds",
                                           "1", "--subset", "128", "--batch-size", "32", "--out", str(tmp_path / "f"),
-                                          "--config", str(config), "--no-progress"])  # fmt: skip
+                                          "--config", str(config), "--no-progress", "--val-split", "64"])  # fmt: skip
     assert from_file.exit_code == 0, from_file.output
     assert [r["epoch"] for r in read_metrics(tmp_path / "f" / "fashion-mnist-none-k2-s0")] == [0]
     other = CliRunner().invoke(main, [*args, "--p", "0.9"])  # same run names, another configuration
-    assert other.exit_code != 0 and "fashion-mnist-none-k1-s0 holds a run of another configuration" in other.output
-    assert "p=0.5 there, 0.9 here" in other.output
+    assert other.exit_code != 0 and "fashion-mnist-cutout-k1-s0 holds a run of another configuration" in other.output
+    assert "p=1.0 there, 0.9 here" in other.output
 
 
 def test_gutout_area_matches_cutouts_measured_erased_area():

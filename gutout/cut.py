@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .config import ConfigError, check_choice, check_range, from_mapping
+from .config import ConfigError, check_choice, check_range, check_types, from_mapping
 from .warp import warp_to_crop
 
 POLICIES = ("threshold", "area", "box", "cutout", "erasing", "none")
@@ -47,6 +47,7 @@ class CutConfig:
     kernel: str = "auto"  # "auto": the fused kernel of the device (CuPy on CUDA, Numba on the CPU) if it imports
 
     def __post_init__(self):
+        check_types(self)
         name = "CutConfig"
         check_choice(name, "policy", self.policy, POLICIES)
         check_range(name, "threshold", self.threshold, 0.0, 1.0)

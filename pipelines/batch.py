@@ -9,7 +9,7 @@ from typing import NamedTuple, Protocol
 
 import torch
 
-from gutout.config import ConfigError, check_choice
+from gutout.config import ConfigError, check_choice, check_types
 
 BACKENDS = ("dali", "tensor", "torch")
 VIEWS = ("train", "val", "refresh")
@@ -73,6 +73,7 @@ class LoaderConfig:
     cpu_resize: str = "torch"
 
     def __post_init__(self):
+        check_types(self)
         name = "LoaderConfig"
         check_choice(name, "backend", self.backend, BACKENDS)
         check_choice(name, "cpu_resize", self.cpu_resize, ("torch", "dali"))

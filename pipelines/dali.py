@@ -29,7 +29,7 @@ import torch
 from gutout.config import ConfigError, check_choice
 
 from .batch import VIEWS, Batch, LoaderConfig, ShardedSource, epoch_order
-from .datasets import ArrayDataset, DatasetError, FolderDataset, check_images
+from .datasets import ArrayDataset, CorruptImage, DatasetError, FolderDataset, check_images, describe_bad_files
 from .host_finish import Finisher, HostFinish
 from .normalise import resolve_stats
 
@@ -269,7 +269,7 @@ def folder_pipeline(
 class DaliFolderSource(_DaliSource):
     def __init__(self, dataset: FolderDataset, view: str, config: LoaderConfig):
         super().__init__(dataset, view, config)
-        self.image_size = config.image_size or DEFAULT_FOLDER_SIZE
+        self.image_size = config.image_size if config.image_size is not None else DEFAULT_FOLDER_SIZE
         self.paths = np.asarray(dataset.paths, dtype=object)  # indexed by an epoch's order, no Python loop
         self.has_window = view != "refresh"
         self.has_flip = view == "train" and config.flip
@@ -322,15 +322,12 @@ class DaliFolderSource(_DaliSource):
         B = self.config.batch_size
         window = order[batch * B : (batch + PREFETCH + 1) * B]  # the failing batch and those decoded ahead
         bad = check_images(self.dataset.subset(window), workers=self.config.num_threads)
-        hint = "remove it, or load the dataset with skip_corrupt=True (`gutout check` lists every bad file)"
         if bad:
-            named = "; ".join(f"{b.path} ({b.reason})" for b in bad[:5])
-            more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
-            return DatasetError(f"{self.dataset.name}: cannot decode {named}{more}: {hint}")
+            return CorruptImage(self.dataset.name, f"cannot decode {describe_bad_files(bad)}")
         named = re.search(r"Failed to decode sample #\d+ : (\S+)", str(err))
         first, last = self.paths[int(window[0])], self.paths[int(window[-1])]
         where = named.group(1) if named else f"one of the {window.numel()} files {first} ... {last}"
-        return DatasetError(f"{self.dataset.name}: DALI cannot read {where}: {_dali_reason(err)}; {hint}")
+        return CorruptImage(self.dataset.name, f"DALI cannot read {where} ({_dali_reason(err)})")
 
 
 # -- arrays: uint8 images held in memory ----------------------------------------------------------------

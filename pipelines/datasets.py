@@ -37,6 +37,29 @@ class DatasetError(ValueError):
     """A dataset cannot be found or read; the message names the path or file."""
 
 
+def class_labels(labels, classes: int | None, name: str = "arrays") -> torch.Tensor:
+    """Labels as int64 (N,): an integer dtype, or floats that are whole numbers, each in [0, classes) (when
+    `classes` is None, only >= 0). Anything else is an error naming the first bad sample and value."""
+    labels = torch.as_tensor(labels).reshape(-1)
+    if labels.is_floating_point():
+        bad = (~torch.isfinite(labels) | (labels != labels.round())).nonzero()
+        if len(bad):
+            i = int(bad[0])
+            raise DatasetError(f"{name}: labels must be whole class numbers; label {i} is {labels[i].item():g}")
+    elif labels.dtype == torch.bool or labels.is_complex():
+        raise DatasetError(f"{name}: labels must be integer class numbers, got dtype {labels.dtype}")
+    labels = labels.long()
+    outside = labels < 0
+    if classes is not None:
+        outside |= labels >= classes
+    bad = outside.nonzero()
+    if len(bad):
+        i = int(bad[0])
+        allowed = f"[0, {classes}) ({classes} classes)" if classes is not None else "0 or more"
+        raise DatasetError(f"{name}: label {i} is {int(labels[i])}; labels must lie in {allowed}")
+    return labels
+
+
 @dataclass
 class ArrayDataset:
     """Images held in memory: uint8 (N, H, W, C), labels int64 (N,)."""
@@ -54,7 +77,9 @@ class ArrayDataset:
             self.images = self.images[..., None]  # (N, H, W) -> (N, H, W, 1)
         if self.images.dim() != 4:
             raise DatasetError(f"{self.name}: images must be (N, H, W[, C]), got {tuple(self.images.shape)}")
-        self.labels = torch.as_tensor(self.labels).long().view(-1)
+        if self.images.shape[0] == 0:
+            raise DatasetError(f"{self.name}: the arrays hold no samples")
+        self.labels = class_labels(self.labels, len(self.classes), self.name)
         if self.labels.numel() != self.images.shape[0]:
             raise DatasetError(f"{self.name}: {self.images.shape[0]} images but {self.labels.numel()} labels")
 
@@ -236,15 +261,24 @@ class FolderDataset:
 
 def scan_folder(root: str | os.PathLike, name: str = "folder") -> FolderDataset:
     """List an ImageFolder tree; a missing root, no class folders or an empty class folder is an error."""
+    dataset, problems = survey_folder(root, name)
+    if problems:
+        raise DatasetError(f"{name}: {problems[0]}")
+    return dataset
+
+
+def survey_folder(root: str | os.PathLike, name: str = "folder") -> tuple[FolderDataset | None, list[str]]:
+    """An ImageFolder tree's files, and every structural problem that makes it unusable (each a sentence naming
+    the path): a missing root, no class folders, class folders without images."""
     root = Path(root)
     if not root.exists():
-        raise DatasetError(f"{name}: {root} does not exist")
+        return None, [f"{root} does not exist"]
     if not root.is_dir():
-        raise DatasetError(f"{name}: {root} is not a folder")
+        return None, [f"{root} is not a folder"]
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
-        raise DatasetError(f"{name}: no class folders under {root} (expected {root}/<class>/<image>)")
-    files, labels = [], []
+        return None, [f"no class folders under {root} (expected {root}/<class>/<image>)"]
+    files, labels, problems = [], [], []
     for label, cls in enumerate(classes):
         images = sorted(
             str(p.relative_to(root))
@@ -252,10 +286,32 @@ def scan_folder(root: str | os.PathLike, name: str = "folder") -> FolderDataset:
             if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
         )
         if not images:
-            raise DatasetError(f"{name}: class folder {root / cls} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+            problems.append(f"class folder {root / cls} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
         files.extend(images)
         labels.extend([label] * len(images))
-    return FolderDataset(root, files, torch.tensor(labels, dtype=torch.int64), tuple(classes), name)
+    return FolderDataset(root, files, torch.tensor(labels, dtype=torch.int64), tuple(classes), name), problems
+
+
+def class_mismatch(train: FolderDataset, val: FolderDataset) -> str | None:
+    """Why two splits cannot share labels (each numbers its own sorted class folders), or None."""
+    if val.classes == train.classes:
+        return None
+    missing = sorted(set(train.classes) - set(val.classes))
+    extra = sorted(set(val.classes) - set(train.classes))
+    return (f"{val.root} and {train.root} must hold the same class folders "
+            f"(missing from val: {missing or 'none'}; only in val: {extra or 'none'})")  # fmt: skip
+
+
+class CorruptImage(DatasetError):
+    """Image files that do not decode, named; `message(option)` words the way out in the caller's spelling."""
+
+    def __init__(self, dataset: str, problem: str):
+        self.dataset, self.problem = dataset, problem
+        super().__init__(self.message())
+
+    def message(self, option: str = "skip_corrupt=True") -> str:
+        return (f"{self.dataset}: {self.problem}: remove it, or leave such files out with {option} "
+                "(`gutout check` lists every bad file)")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -278,6 +334,12 @@ def _check_one(path: str, file: str) -> BadFile | None:
     return None
 
 
+def describe_bad_files(bad: list[BadFile], limit: int = 5) -> str:
+    """The first `limit` bad files with their reasons, and how many more there are."""
+    named = "; ".join(f"{b.path} ({b.reason})" for b in bad[:limit])
+    return named + (f" and {len(bad) - limit} more" if len(bad) > limit else "")
+
+
 def check_images(dataset: FolderDataset, workers: int = 2) -> list[BadFile]:
     """Decode every file once; the files that fail, with the decoder's reason."""
     from concurrent.futures import ThreadPoolExecutor
@@ -285,6 +347,21 @@ def check_images(dataset: FolderDataset, workers: int = 2) -> list[BadFile]:
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         checked = pool.map(_check_one, dataset.paths, dataset.files, chunksize=64)
         return [bad for bad in checked if bad is not None]
+
+
+def content_digest(datasets: list[FolderDataset]) -> str:
+    """SHA-256 over every file's relative name and bytes, in dataset order: identity of content, which the cache's
+    fingerprint (names and labels) does not cover."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for dataset in datasets:
+        for file, path in zip(dataset.files, dataset.paths, strict=True):
+            digest.update(file.encode() + b"\0")
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()
 
 
 def load_folder(root: str | os.PathLike, *, skip_corrupt: bool = False, name: str = "folder") -> FolderDataset:

@@ -26,7 +26,7 @@ from gutout.config import ConfigError
 from gutout.cut import CutConfig
 
 from .batch import Batch, BatchSource, LoaderConfig
-from .datasets import ArrayDataset, DatasetError, FolderDataset, load_folder
+from .datasets import ArrayDataset, DatasetError, FolderDataset, class_labels, load_folder
 
 _LOADER_KEYS = {f.name for f in dataclasses.fields(LoaderConfig)}
 _CUT_KEYS = {f.name for f in dataclasses.fields(CutConfig)}
@@ -98,8 +98,9 @@ class GutoutLoader:
     def from_arrays(cls, images, labels, *, classes=None, cache=None, member: int = 0, name="arrays", **options):
         """uint8 images (N, H, W[, C]) and labels (N,); `options` as in `from_folder` (`pad` for the crop)."""
         images = torch.as_tensor(images)
-        labels = torch.as_tensor(labels)
-        classes = tuple(classes) if classes is not None else tuple(str(c) for c in range(int(labels.max()) + 1))
+        if classes is None:  # the classes the labels name, 0 .. max
+            checked = class_labels(labels, None, name)
+            classes = tuple(str(c) for c in range(int(checked.max()) + 1 if checked.numel() else 0))
         loader_options, stage_options = split_options(options)
         dataset = ArrayDataset(images, labels, classes, name)
         return cls(dataset, LoaderConfig(**loader_options), _stage_config(stage_options, cache), cache=cache,

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 import torch.utils.data
 from torchvision.transforms.v2 import functional as TF
 
 from .batch import Batch, LoaderConfig, ShardedSource, epoch_order
-from .datasets import ArrayDataset, DatasetError, FolderDataset
+from .datasets import ArrayDataset, BadFile, CorruptImage, FolderDataset, describe_bad_files
 from .normalise import resolve_stats
 
 
@@ -52,7 +53,7 @@ class _Samples(torch.utils.data.Dataset):
         self.mean, self.std = list(mean), list(std)
         self.epoch_seed = config.epoch_seed(0)
         self.is_folder = isinstance(dataset, FolderDataset)
-        self.size = config.image_size or (224 if self.is_folder else None)
+        self.size = config.image_size if config.image_size is not None else (224 if self.is_folder else None)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -68,11 +69,13 @@ class _Samples(torch.utils.data.Dataset):
             with Image.open(path) as image:
                 rgb = np.asarray(image.convert("RGB"))  # (H, W, 3) uint8
         except Exception as err:  # noqa: BLE001 - any decoder failure names the file
-            raise DatasetError(f"cannot decode {path}: {type(err).__name__}: {err}") from None
+            return BadFile(path, f"{type(err).__name__}: {err}", self.dataset.files[index])
         return torch.from_numpy(rgb.copy()).permute(2, 0, 1)  # (3, H, W)
 
     def __getitem__(self, index: int):
         image = self._load(index)
+        if isinstance(image, BadFile):  # reported by the main process, not as a worker's traceback
+            return image
         _, H, W = image.shape
         generator = torch.Generator().manual_seed(self.epoch_seed * 7919 + index)
         flip = False
@@ -106,6 +109,16 @@ class _Samples(torch.utils.data.Dataset):
         return image, int(self.dataset.labels[index]), index, torch.tensor(window, dtype=torch.float32), flip
 
 
+class _Unreadable(NamedTuple):
+    files: list[BadFile]  # the files of one batch that do not decode
+
+
+def _collate(samples: list) -> list | _Unreadable:
+    """The default collation, or the batch's undecodable files when it has any."""
+    bad = [s for s in samples if isinstance(s, BadFile)]
+    return _Unreadable(bad) if bad else torch.utils.data.default_collate(samples)
+
+
 class TorchSource(ShardedSource):
     def __init__(self, dataset: ArrayDataset | FolderDataset, view: str, config: LoaderConfig):
         super().__init__(len(dataset), view, config)
@@ -123,9 +136,13 @@ class TorchSource(ShardedSource):
             num_workers=self.config.num_threads,
             pin_memory=self.device.type == "cuda",
             persistent_workers=False,
+            collate_fn=_collate,
         )
         half = self.config.half and self.device.type == "cuda"
-        for images, labels, indices, windows, flips in loader:
+        for collated in loader:
+            if isinstance(collated, _Unreadable):
+                raise CorruptImage(self.samples.dataset.name, f"cannot decode {describe_bad_files(collated.files)}")
+            images, labels, indices, windows, flips = collated
             images = images.to(self.device, non_blocking=True)
             yield Batch(
                 images.half() if half else images,

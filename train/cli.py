@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from gutout.config import ConfigError
+from gutout.pipelines.datasets import CorruptImage
 
 from .config import DATASETS, POLICIES, make_config, read_config_file, read_run_config
 from .models import MODELS
@@ -16,6 +17,21 @@ from .models import MODELS
 
 def _fail(message: str) -> None:
     raise click.ClickException(message)
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """What a bad option, file, directory or run ends in: one line, no traceback (each message names the thing)."""
+    from .rundir import ResumeMismatch, RunDirectoryBusy, RunDirectoryError
+    from .trainer import NonFiniteLoss
+
+    return ConfigError, ResumeMismatch, NonFiniteLoss, RunDirectoryBusy, RunDirectoryError, ValueError
+
+
+def _interrupted(trainer) -> None:
+    """Ctrl-C: say what is safe on disk and exit with the shell's status for SIGINT (128 + 2)."""
+    note = trainer.checkpoint_note() if trainer is not None else "no run had started"
+    click.echo(f"\ninterrupted: {note}", err=True)
+    sys.exit(130)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -75,19 +91,21 @@ def _float_or_noise(value):
 @click.option("--out", type=click.Path(), help="Folder of run directories (default runs).")
 @click.option("--name", help="Run name (default <dataset>-k<K>-<policy>-s<seed>).")
 @click.option("--resume", is_flag=True, default=None, help="Continue from the run directory's last checkpoint.")
+@click.option("--init-from", type=click.Path(), help="Start from another run's last weights (a new run and schedule).")
 @click.option("--progress/--no-progress", default=None, help="Progress bars (default: when on a terminal).")
 @click.option("--config", "config_file", type=click.Path(), help="YAML/TOML file of options (CLI options win).")
 @click.option("--nproc", type=int, default=1, help="Local processes, launched by torch's elastic launcher (torchrun).")
 @click.option("--max-restarts", type=int, default=0, help="With --nproc: restarts after a failed process.")
 def train(dataset, config_file, milestones, nproc, max_restarts, **options):
     """Train a Gutout ensemble on DATASET (fashion-mnist, cifar10, cifar100, imagenet, folder)."""
-    from .trainer import NonFiniteLoss, ResumeMismatch, Trainer, summary_table, tqdm_progress
+    from .trainer import Trainer, summary_table, tqdm_progress
 
     if milestones is not None:
         try:
             options["milestones"] = tuple(int(m) for m in milestones.split(","))
         except ValueError:
             _fail(f"--milestones {milestones!r} must be comma-separated integers")
+    trainer = None
     try:
         file_values = read_config_file(config_file) if config_file else {}
         cfg = make_config(file_values, dataset=dataset, **options)
@@ -100,8 +118,12 @@ def train(dataset, config_file, milestones, nproc, max_restarts, **options):
                    f"policy {cfg.policy}, peers {cfg.peer_rule}, refresh {cfg.refresh}")  # fmt: skip
         final = trainer.run(progress=tqdm_progress(cfg.progress))
         trainer.runtime.close()
-    except (ConfigError, ResumeMismatch, NonFiniteLoss, ValueError) as err:
+    except CorruptImage as err:
+        _fail(err.message("--skip-corrupt"))
+    except _user_errors() as err:
         _fail(str(err))
+    except KeyboardInterrupt:
+        _interrupted(trainer)
     if not trainer.runtime.is_main:
         return
     click.echo("\n" + summary_table(final, cfg.ensemble))
@@ -171,7 +193,7 @@ COMPARE_VAL_SPLIT = {"fashion-mnist": 5000}
 def compare(dataset, runs, seeds, reference, split, config_file, time_budget, p, **options):
     """Train each arm with each seed (finished runs are not repeated); write results.md/.png with paired statistics."""
     from .compare import parse_seeds, run_all, run_overrides, summarise, write_results
-    from .trainer import NonFiniteLoss, ResumeMismatch, tqdm_progress
+    from .trainer import tqdm_progress
 
     run_names = [r.strip() for r in runs.split(",") if r.strip()]
     try:
@@ -190,8 +212,13 @@ def compare(dataset, runs, seeds, reference, split, config_file, time_budget, p,
             raise ConfigError("--split val needs a validation split (--val-split N > 0)")
         results = run_all(base, run_names, seed_list, log=click.echo, progress=tqdm_progress(base.progress),
                           time_budget=time_budget, p=p)  # fmt: skip
-    except (ConfigError, ResumeMismatch, NonFiniteLoss, ValueError) as err:
+    except CorruptImage as err:
+        _fail(err.message("--skip-corrupt"))
+    except _user_errors() as err:
         _fail(str(err))
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted: finished runs are kept; the same command continues the rest", err=True)
+        sys.exit(130)
     if not results:
         _fail("no run finished, so there is nothing to report (check --runs, --seeds and --time-budget)")
     command = "gutout compare " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["compare"] else "gutout compare"
@@ -209,7 +236,8 @@ def show(run):
 
     import yaml
 
-    from .trainer import ResumeMismatch, Trainer
+    from .rundir import ResumeMismatch
+    from .trainer import Trainer
 
     run_dir = Path(run)
     try:
@@ -232,21 +260,37 @@ def show(run):
 @main.command()
 @click.argument("root", type=click.Path())
 @click.option("--workers", type=int, default=2, show_default=True)
-def check(root, workers):
-    """Decode every image of an ImageFolder ROOT once and list the files that fail."""
-    from gutout.pipelines.datasets import DatasetError, check_images, scan_folder
+@click.option("--hash", "content_hash", is_flag=True, help="Also print a SHA-256 of every file's name and content.")
+def check(root, workers, content_hash):
+    """Check an image folder as `gutout train` reads it: a dataset root (ROOT/train and ROOT/val, as --data takes)
+    or one ImageFolder (ROOT/<class>/<image>). Lists every structural problem and every file that fails to decode."""
+    from gutout.pipelines.datasets import check_images, class_mismatch, content_digest, survey_folder
 
-    try:
-        dataset = scan_folder(root)
-    except DatasetError as err:
-        _fail(str(err))
-    bad = check_images(dataset, workers=workers)
+    root = Path(root)
+    layout = (root / "train").is_dir()  # the --data layout of `gutout train imagenet/folder`
+    folders = [root / "train", root / "val"] if layout else [root]
+    datasets, problems = [], []
+    for folder in folders:
+        if layout and not folder.is_dir():
+            problems.append(f"{folder} is missing (gutout train --data reads {root}/train and {root}/val)")
+            continue
+        dataset, found = survey_folder(folder)
+        problems += found
+        if dataset is not None:
+            datasets.append(dataset)
+    if layout and len(datasets) == 2 and class_mismatch(*datasets):
+        problems.append(class_mismatch(*datasets))
+    bad = [b for dataset in datasets for b in check_images(dataset, workers=workers)]
+    for problem in problems:
+        click.echo(problem)
     for b in bad:
         click.echo(f"{b.path}: {b.reason}")
-    click.echo(
-        f"{len(dataset)} files, {len(bad)} bad" + ("; train with --skip-corrupt to leave them out" if bad else "")
-    )
-    sys.exit(1 if bad else 0)
+    files = sum(len(d) for d in datasets)
+    summary = f"{files} files, {len(bad)} bad, {len(problems)} structural problem{'s' * (len(problems) != 1)}"
+    click.echo(summary + ("; train with --skip-corrupt to leave the bad files out" if bad else ""))
+    if content_hash:
+        click.echo(f"content sha256 {content_digest(datasets)} (file names, in order, and their bytes)")
+    sys.exit(1 if bad or problems else 0)
 
 
 if __name__ == "__main__":

@@ -148,7 +148,7 @@ def run_all(base: TrainConfig, runs: list[str], seeds: list[int], log=print, pro
                 if time_budget is not None and time.monotonic() - start > time_budget:
                     log(f"== {cfg.run_name}: skipped, the time budget of {time_budget:.0f} s is spent")
                     continue
-                resume = (cfg.run_dir / "checkpoint.pt").exists()
+                resume = (cfg.run_dir / "config.yaml").exists()  # interrupted: continue it (check_same_run passed)
                 log(f"== {cfg.run_name}" + (" (resuming)" if resume else ""))
                 record = Trainer(dataclasses.replace(cfg, resume=resume), log=log).run(progress=progress)
             else:

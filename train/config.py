@@ -9,9 +9,9 @@ from typing import Any
 
 import tomllib
 
-from gutout.config import ConfigError, check_choice, check_range, from_mapping
+from gutout.config import ConfigError, check_choice, check_range, check_types, from_mapping
 
-from .models import CIFAR_NETS, MODELS
+from .models import CIFAR_NETS, MODELS, min_image_size
 
 DATASETS = ("fashion-mnist", "cifar10", "cifar100", "imagenet", "folder")
 POLICIES = ("threshold", "area", "box", "cutout", "erasing", "none")
@@ -77,10 +77,12 @@ class TrainConfig:
     out: str = "runs"  # run directories are created under this folder
     name: str | None = None  # run name; None: <dataset>-k<K>-<policy>-s<seed>
     resume: bool = False
+    init_from: str | None = None  # a run directory: start from its last checkpoint's weights (a new run and schedule)
     sample_grid: int = 6  # images in the per-epoch sample grid (0: none)
     progress: bool | None = None  # progress bars; None: when stderr is a terminal
 
     def __post_init__(self):
+        check_types(self)
         name = "TrainConfig"
         check_choice(name, "dataset", self.dataset, DATASETS)
         if self.model is not None:
@@ -106,6 +108,9 @@ class TrainConfig:
                 raise ConfigError(f"{name}.{key}={value!r} must be an integer >= {lo}")
         if self.subset is not None and (not isinstance(self.subset, int) or self.subset < 1):
             raise ConfigError(f"{name}.subset={self.subset!r} must be a positive integer")
+        if self.image_size is not None and self.image_size < min_image_size(self.model_name):
+            raise ConfigError(f"{name}.image_size={self.image_size!r} is too small for {self.model_name} "
+                              f"(at least {min_image_size(self.model_name)} px)")  # fmt: skip
         check_range(name, "width", self.width, 0.0, 64.0, lo_open=True)
         if self.width != 1.0 and self.model_name not in CIFAR_NETS:
             raise ConfigError(f"{name}.width={self.width!r} applies to the CIFAR-style models "
@@ -169,12 +174,16 @@ def read_run_config(run_dir: str | Path) -> TrainConfig:
     return make_config(yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {})
 
 
-def _normalise(values: dict[str, Any]) -> dict[str, Any]:
-    values = {k.replace("-", "_"): v for k, v in values.items()}
-    for key in ("milestones",):
-        if key in values and values[key] is not None:
-            values[key] = tuple(int(m) for m in values[key])
-    return values
+def _normalise(values: dict[str, Any], source: str = "the options") -> dict[str, Any]:
+    """Option names with dashes as with underscores (`batch-size` is `batch_size`); both spellings at once fail."""
+    out: dict[str, Any] = {}
+    spelled: dict[str, str] = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name in out:
+            raise ConfigError(f"{source} set {name!r} twice, as {spelled[name]!r} and {key!r}; keep one")
+        out[name], spelled[name] = value, key
+    return out
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -199,7 +208,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 def make_config(file_values: dict[str, Any] | None = None, **cli_values: Any) -> TrainConfig:
     """File values, then the preset, then explicit CLI values (highest priority); unknown keys fail."""
-    values = _normalise(dict(file_values or {}))
+    values = _normalise(dict(file_values or {}), "the config file")
     values.update(_normalise({k: v for k, v in cli_values.items() if v is not None}))
     preset = values.get("preset")
     if preset is not None:

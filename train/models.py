@@ -63,6 +63,14 @@ TORCHVISION_NETS = ("resnet18", "resnet34", "resnet50")
 MODELS = (*CIFAR_NETS, *TORCHVISION_NETS)
 
 
+def min_image_size(name: str) -> int:
+    """The smallest input side whose last stage is still a 2 x 2 map (Grad-CAM needs a spatial map): each stage
+    after the first halves the side (CIFAR-style nets); torchvision's ResNets reduce it 32-fold."""
+    if name in CIFAR_NETS:
+        return 2 ** len(CIFAR_NETS[name][0])
+    return 64
+
+
 def cifar_resnet(name: str, num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> CifarResNet:
     """A CIFAR-style net by name, every stage's channels multiplied by `width` (rounded, at least 1)."""
     widths, blocks = CIFAR_NETS[name]

@@ -30,25 +30,28 @@ from gutout.cache import CacheSnapshotError, check_header
 from gutout.config import ConfigError
 from gutout.gradcam import default_layer, preserved_modes
 from gutout.pipelines import ArrayDataset, GutoutLoader, LoaderConfig, make_source
-from gutout.pipelines.datasets import load_cifar, load_fashion_mnist, load_folder, stratified_split
+from gutout.pipelines.datasets import (
+    class_mismatch,
+    load_cifar,
+    load_fashion_mnist,
+    load_folder,
+    stratified_split,
+)
 from gutout.pipelines.normalise import resolve_stats
 
-from .config import SALIENCY_POLICIES, TrainConfig, identity_differences
+from .config import SALIENCY_POLICIES, TrainConfig, identity_differences, read_run_config
 from .distributed import Runtime, plan_layout
 from .evaluation import OCCLUSIONS, Evaluator
 from .figures import sample_grid, save_curves, save_png
 from .metrics import ensemble_log_probs, ensemble_metrics, fit_temperature, temperature_scaled
 from .models import build_model
+from .rundir import ResumeMismatch, RunDirectoryLock, writing
 from .tracking import Tracker
 
 CHECKPOINT = "checkpoint.pt"
 
 
 class NonFiniteLoss(RuntimeError):
-    pass
-
-
-class ResumeMismatch(RuntimeError):
     pass
 
 
@@ -90,11 +93,9 @@ def load_datasets(cfg: TrainConfig) -> Splits:
         root = Path(cfg.data)
         train = load_folder(root / "train", skip_corrupt=cfg.skip_corrupt, name=cfg.dataset)
         test = load_folder(root / "val", skip_corrupt=cfg.skip_corrupt, name=cfg.dataset)
-        if test.classes != train.classes:  # each split numbers its own sorted class folders
-            missing = sorted(set(train.classes) - set(test.classes))
-            extra = sorted(set(test.classes) - set(train.classes))
-            raise ConfigError(f"{root / 'val'} and {root / 'train'} must hold the same class folders "
-                              f"(missing from val: {missing or 'none'}; only in val: {extra or 'none'})")  # fmt: skip
+        mismatch = class_mismatch(train, test)
+        if mismatch:
+            raise ConfigError(mismatch)
     val, pool = None, torch.arange(len(train))  # pool: the positions training may use
     if cfg.val_split:
         if cfg.val_split >= len(train):
@@ -177,7 +178,9 @@ class Trainer:
         self.backend = resolve_backend(cfg, self.train_set)
         self.num_classes = len(self.train_set.classes)
         self.mean, self.std = resolve_stats(self.train_set, LoaderConfig())
-        image_size = cfg.image_size or (224 if cfg.dataset in ("imagenet", "folder") else None)
+        image_size = (
+            cfg.image_size if cfg.image_size is not None else (224 if cfg.dataset in ("imagenet", "folder") else None)
+        )
         self.loader_config = LoaderConfig(
             batch_size=cfg.batch_size, image_size=image_size, mean=self.mean, std=self.std, seed=cfg.seed,
             device=str(self.device), backend=self.backend, num_threads=cfg.num_threads, half=self.amp,
@@ -199,6 +202,7 @@ class Trainer:
         )  # fmt: skip
         self.history: list[dict] = []
         self.start_epoch = 0
+        self.checkpointed_epoch: int | None = None  # the last epoch whose checkpoint is complete on disk
 
     # -- construction ------------------------------------------------------------------------------------
 
@@ -295,6 +299,38 @@ class Trainer:
                 if int(old.name.split(".epoch-")[1].split(".")[0]) < epoch:
                     old.unlink(missing_ok=True)
         self.runtime.barrier()
+        self.checkpointed_epoch = epoch
+
+    def init_from(self, run_dir: str | Path) -> int:
+        """Start every local member from the weights of another run's last complete checkpoint (a new run: fresh
+        optimiser, schedule and maps). Returns that checkpoint's epoch."""
+        run_dir = Path(run_dir)
+        try:
+            epoch = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=False)["epoch"]
+        except FileNotFoundError:
+            raise ConfigError(
+                f"--init-from {run_dir}: no {CHECKPOINT} there (not a run, or none checkpointed)"
+            ) from None
+        except Exception as err:  # noqa: BLE001 - a damaged file, named
+            raise ConfigError(f"--init-from {run_dir}: cannot read {run_dir / CHECKPOINT}: {err}") from None
+        for member in self.members:
+            path = run_dir / f"member-{member.index}.epoch-{epoch}.pt"
+            if not path.exists():
+                raise ConfigError(f"--init-from {run_dir}: no weights for member {member.index} ({path.name}); "
+                                  "it must have at least as many members as --ensemble")  # fmt: skip
+            try:
+                member.net.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["model"])
+            except Exception as err:  # noqa: BLE001 - another model or class count: say which file
+                raise ConfigError(f"--init-from {run_dir}: {path.name} does not fit {self.cfg.model_name}: "
+                                  f"{str(err).splitlines()[0]}") from None  # fmt: skip
+        return epoch
+
+    def checkpoint_note(self) -> str:
+        """Where a stopped run can continue from, for the message that says it stopped."""
+        if self.checkpointed_epoch is None:
+            return f"no epoch of {self.run_dir} was checkpointed yet"
+        return (f"the checkpoint of epoch {self.checkpointed_epoch} in {self.run_dir} is complete; continue with "
+                "--resume")  # fmt: skip
 
     def _cache_identity(self) -> dict:
         """What the checkpointed maps belong to: the training samples (fingerprint), the maps' layout."""
@@ -309,10 +345,15 @@ class Trainer:
             state = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as err:  # noqa: BLE001 - an unreadable checkpoint is named, not silently ignored
             raise ResumeMismatch(f"cannot read checkpoint {path}: {err}") from None
-        diffs = [f"{k}: checkpoint has {theirs!r}, this run has {mine!r}"
-                 for k, theirs, mine in identity_differences(state["config"], self.cfg.identity())]  # fmt: skip
+        differences = identity_differences(state["config"], self.cfg.identity())
+        diffs = [f"{k}: checkpoint has {theirs!r}, this run has {mine!r}" for k, theirs, mine in differences]
         if diffs:
-            raise ResumeMismatch(f"{path} belongs to a different run; refusing to resume: " + "; ".join(diffs))
+            hint = ""
+            if any(k == "epochs" for k, _, _ in differences):
+                hint = (". --resume continues the same schedule, which the number of epochs shapes; to train on "
+                        f"from this run, start a new one initialised from it: --init-from {self.run_dir} "
+                        "--name <another name>")  # fmt: skip
+            raise ResumeMismatch(f"{path} belongs to a different run; refusing to resume: " + "; ".join(diffs) + hint)
         if "cache_header" in state:  # written since the fingerprint check; older checkpoints lack it
             try:
                 check_header(state["cache_header"], self._cache_identity(), source=str(path))
@@ -323,7 +364,10 @@ class Trainer:
             member_file = self.member_path(member.index, epoch)
             if not member_file.exists():
                 raise ResumeMismatch(f"checkpoint of epoch {epoch} is incomplete: {member_file} is missing")
-            saved = torch.load(member_file, map_location="cpu", weights_only=False)
+            try:
+                saved = torch.load(member_file, map_location="cpu", weights_only=False)
+            except Exception as err:  # noqa: BLE001 - a damaged file is named, not a bare unpickling error
+                raise ResumeMismatch(f"cannot read checkpoint {member_file}: {err}") from None
             member.net.load_state_dict(saved["model"])
             member.optimizer.load_state_dict(saved["optimizer"])
             member.scheduler.load_state_dict(saved["scheduler"])
@@ -342,6 +386,7 @@ class Trainer:
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.history = state["history"]
         self.start_epoch = epoch + 1
+        self.checkpointed_epoch = epoch
         return True
 
     # -- one epoch ---------------------------------------------------------------------------------------
@@ -524,13 +569,25 @@ class Trainer:
     # -- the run -----------------------------------------------------------------------------------------
 
     def prepare_run_dir(self) -> None:
+        """Refuse a directory that holds a run (from the moment that run started: its config.yaml) unless this is
+        its --resume; a --resume of a run stopped before its first checkpoint must be the same configuration."""
         if not self.runtime.is_main:
             return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if (self.run_dir / CHECKPOINT).exists() and not self.cfg.resume:
-            raise ResumeMismatch(
-                f"{self.run_dir} already holds a run; pass --resume to continue it, or choose another --name/--out"
-            )
+        config = self.run_dir / "config.yaml"
+        if not self.cfg.resume:
+            if (self.run_dir / CHECKPOINT).exists() or config.exists():
+                raise ResumeMismatch(
+                    f"{self.run_dir} already holds a run; pass --resume to continue it, or choose another --name/--out"
+                )
+        elif config.exists() and not (self.run_dir / CHECKPOINT).exists():
+            try:
+                saved = read_run_config(self.run_dir).identity()
+            except Exception as err:  # noqa: BLE001 - unreadable YAML or a config of another version, named
+                raise ResumeMismatch(f"cannot read {config}: {err}; refusing to resume") from None
+            diffs = [f"{k}: that run has {theirs!r}, this one {mine!r}"
+                     for k, theirs, mine in identity_differences(saved, self.cfg.identity())]  # fmt: skip
+            if diffs:
+                raise ResumeMismatch(f"{self.run_dir} holds another run; refusing to resume: " + "; ".join(diffs))
 
     def record_run(self) -> None:
         """config.yaml and git-revision: written once the run directory is known to hold this run (after a
@@ -543,6 +600,17 @@ class Trainer:
         atomic_write_bytes(self.run_dir / "git-revision", (git_revision() + "\n").encode())
 
     def run(self, progress=None) -> dict:
+        """Train every remaining epoch; rank 0 holds the run directory's lock throughout."""
+        lock = RunDirectoryLock(self.run_dir) if self.runtime.is_main else None
+        if lock is not None:
+            lock.acquire()
+        try:
+            return self._run(progress)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _run(self, progress) -> dict:
         cfg, main = self.cfg, self.runtime.is_main
         progress = progress if (progress and main) else _no_progress
         self.prepare_run_dir()
@@ -552,10 +620,16 @@ class Trainer:
                 self.log(f"resuming {self.run_dir} at epoch {self.start_epoch}")
             else:
                 self.log(f"--resume: {self.run_dir} holds no checkpoint yet; starting the run from epoch 0")
-        self.record_run()
+        if self.start_epoch == 0 and cfg.init_from is not None:
+            source_epoch = self.init_from(cfg.init_from)
+            self.log(f"initialised from {cfg.init_from} (its epoch {source_epoch})")
+        with writing(f"{self.run_dir / 'config.yaml'}"):
+            self.record_run()
         tracker = None
         if main:  # one metrics log and one W&B run per training run
-            tracker = Tracker(self.run_dir, cfg.to_dict(), cfg.wandb, cfg.wandb_project, cfg.run_name, self.history)
+            with writing(f"{self.run_dir / 'metrics.jsonl'}"):
+                tracker = Tracker(self.run_dir, cfg.to_dict(), cfg.wandb, cfg.wandb_project, cfg.run_name,
+                                  self.history)  # fmt: skip
             self.history = tracker.history
         try:
             if self.start_epoch == 0 and self._refresh_due(0):
@@ -576,10 +650,12 @@ class Trainer:
                 record["time/run_s"] = record["time/epoch_s"] + (self.history[-1]["time/run_s"] if self.history else 0)
                 if main:
                     grid = self.sample_images() if cfg.wandb != "disabled" else None
-                    tracker.log(record, images={"samples": grid.numpy()} if grid is not None else None)
+                    with writing(f"{self.run_dir / 'metrics.jsonl'}", self.checkpoint_note()):
+                        tracker.log(record, images={"samples": grid.numpy()} if grid is not None else None)
                 else:
                     self.history.append(record)
-                self.save_checkpoint(epoch)
+                with writing(f"the checkpoint of epoch {epoch} in {self.run_dir}", self.checkpoint_note()):
+                    self.save_checkpoint(epoch)
                 self.log(_epoch_line(record, cfg.ensemble))
             if main:
                 self.write_figures()

@@ -2,8 +2,9 @@
 
 One thread per output pixel (all channels). It reads only the sample's small map (h x w floats, in cache)
 and writes only erased pixels, so the stage costs less than a normalise pass over the batch. The
-arithmetic mirrors `gutout.warp.interp_taps` and `gutout.cut.erase_weights` line by line; the tests compare
-both paths pixel for pixel wherever CUDA exists.
+arithmetic mirrors `gutout.warp.interp_taps` and `gutout.cut.erase_weights` line by line. One source, three
+ways to run it: CuPy on a GPU; nvcc compiles it in the tests wherever nvcc exists; and the tests build it as
+host C++ (tests/cuda_host.py) and compare it with the torch reference pixel for pixel, with or without a GPU.
 
 CuPy is imported lazily: importing gutout never needs it.
 """
@@ -12,12 +13,13 @@ from __future__ import annotations
 
 import functools
 import warnings
+from typing import NamedTuple
 
 import torch
 
 from .cut import CutPlan
 
-_SOURCE = r"""
+SOURCE = r"""
 #include <cuda_fp16.h>
 
 __device__ __forceinline__ unsigned int lowbias32(unsigned int x) {
@@ -101,8 +103,8 @@ __global__ void gutout_cut(
 }
 """
 
-_THREADS = 256
-_DTYPES = {torch.float32: "float", torch.float16: "__half"}
+THREADS = 256  # threads per block; a block covers 256 pixels of one sample
+DTYPES = {torch.float32: "float", torch.float16: "__half"}  # the kernel's template argument per torch dtype
 
 
 @functools.lru_cache(maxsize=1)
@@ -118,7 +120,7 @@ def why_unsupported(images: torch.Tensor) -> str | None:
     """None when the kernel can run on `images`, else the reason in words."""
     if not images.is_cuda:
         return f"images are on {images.device}, not CUDA"
-    if images.dtype not in _DTYPES:
+    if images.dtype not in DTYPES:
         return f"dtype {images.dtype} (the kernel handles float32 and float16)"
     cupy = _cupy()
     if cupy is None:
@@ -138,7 +140,7 @@ def _kernel(type_name: str, device_index: int):
     with cupy.cuda.Device(device_index):
         # -fmad=false: no fused multiply-adds, so each rounding step matches the torch reference.
         module = cupy.RawModule(
-            code=_SOURCE,
+            code=SOURCE,
             options=("-std=c++17", "-fmad=false"),
             name_expressions=[f"gutout_cut<{type_name}>"],
         )
@@ -153,36 +155,59 @@ def _torch_stream(cupy, device: torch.device):
         return cupy.cuda.ExternalStream(stream.cuda_stream, device.index or 0)
 
 
+class Launch(NamedTuple):
+    """One launch of `gutout_cut`: the grid, the block, and the arguments in the kernel's order (tensors on the
+    images' device, contiguous where the kernel indexes them flat; ints and floats as the kernel types them)."""
+
+    grid: tuple[int, int]
+    block: int
+    tensors: dict[str, torch.Tensor]  # images, maps, windows, flips, mode, tau, box, erased
+    scalars: dict[str, int | float]  # sB, sC, sH, sW, C, H, W, h, w, fill, noise, seed
+
+
+def prepare_launch(images: torch.Tensor, plan: CutPlan, maps, windows, flips, fill: float | str) -> Launch:
+    """What every runner of the kernel source passes it: CuPy on a GPU, or the host build the tests drive."""
+    B, C, H, W = images.shape
+    device = images.device
+    if maps is None:  # box-only plans never read the map; give the kernel a valid pointer anyway
+        maps = torch.zeros(B, 1, 1, device=device)
+    tensors = {
+        "images": images,
+        "maps": maps.to(device=device, dtype=torch.float32).contiguous(),
+        "windows": windows.to(device=device, dtype=torch.float32).contiguous(),
+        "flips": flips.to(device=device, dtype=torch.uint8).contiguous(),  # DLPack-safe bool
+        "mode": plan.mode.to(device=device, dtype=torch.int32).contiguous(),
+        "tau": plan.tau.to(device=device, dtype=torch.float32).contiguous(),
+        "box": plan.box.to(device=device, dtype=torch.int32).contiguous(),
+        "erased": torch.zeros(B, dtype=torch.int32, device=device),
+    }
+    sB, sC, sH, sW = images.stride()  # any memory layout, channels-last included
+    scalars = dict(sB=sB, sC=sC, sH=sH, sW=sW, C=C, H=H, W=W, h=tensors["maps"].shape[1],
+                   w=tensors["maps"].shape[2], fill=0.0 if fill == "noise" else float(fill),
+                   noise=int(fill == "noise"), seed=plan.noise_seed)  # fmt: skip
+    return Launch(((H * W + THREADS - 1) // THREADS, B), THREADS, tensors, scalars)
+
+
 def apply_plan_cupy(
     images: torch.Tensor, plan: CutPlan, maps, windows, flips, fill: float | str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused kernel, in place on `images` (B, C, H, W) on CUDA; returns (images, erased fraction (B,))."""
     cupy = _cupy()
-    B, C, H, W = images.shape
+    launch = prepare_launch(images, plan, maps, windows, flips, fill)
+    t, s = launch.tensors, launch.scalars
     device = images.device
-    if maps is None:  # box-only plans never read the map; give the kernel a valid pointer anyway
-        maps = torch.zeros(B, 1, 1, device=device)
-    maps = maps.to(device=device, dtype=torch.float32).contiguous()
-    windows = windows.to(device=device, dtype=torch.float32).contiguous()
-    flips = flips.to(device=device, dtype=torch.uint8).contiguous()  # DLPack-safe bool
-    mode = plan.mode.to(device=device, dtype=torch.int32).contiguous()
-    tau = plan.tau.to(device=device, dtype=torch.float32).contiguous()
-    box = plan.box.to(device=device, dtype=torch.int32).contiguous()
-    erased = torch.zeros(B, dtype=torch.int32, device=device)
-    kernel = _kernel(_DTYPES[images.dtype], device.index or 0)
-    sB, sC, sH, sW = images.stride()  # any memory layout, channels-last included
-    as_cupy = cupy.from_dlpack  # zero-copy views of the torch tensors
+    kernel = _kernel(DTYPES[images.dtype], device.index or 0)
+    view = cupy.from_dlpack  # zero-copy views of the torch tensors
     with cupy.cuda.Device(device.index or 0), _torch_stream(cupy, device):
         kernel(
-            ((H * W + _THREADS - 1) // _THREADS, B),
-            (_THREADS,),
+            launch.grid,
+            (launch.block,),
             (
-                as_cupy(images), *map(cupy.int64, (sB, sC, sH, sW)), *map(cupy.int32, (C, H, W)),
-                as_cupy(maps), cupy.int32(maps.shape[1]), cupy.int32(maps.shape[2]),
-                as_cupy(windows), as_cupy(flips),
-                as_cupy(mode), as_cupy(tau), as_cupy(box),
-                cupy.float32(0.0 if fill == "noise" else fill), cupy.int32(fill == "noise"),
-                cupy.uint32(plan.noise_seed), as_cupy(erased),
+                view(t["images"]), *(cupy.int64(s[k]) for k in ("sB", "sC", "sH", "sW")),
+                *(cupy.int32(s[k]) for k in ("C", "H", "W")),
+                view(t["maps"]), cupy.int32(s["h"]), cupy.int32(s["w"]), view(t["windows"]), view(t["flips"]),
+                view(t["mode"]), view(t["tau"]), view(t["box"]),
+                cupy.float32(s["fill"]), cupy.int32(s["noise"]), cupy.uint32(s["seed"]), view(t["erased"]),
             ),
         )  # fmt: skip
-    return images, erased.float() / (H * W)
+    return images, t["erased"].float() / (s["H"] * s["W"])

@@ -237,3 +237,49 @@ def test_erasing_follows_random_erasing_semantics():
     assert torch.equal((heights * widths), erased[hit] * 1024)  # a solid rectangle
     aspect = heights / widths
     assert float(aspect.min()) >= 0.25 and float(aspect.max()) <= 4.0
+
+
+def brute_force_saliency(maps, windows, flips, H, W):
+    """(B, H, W) saliency of each crop pixel by full-resolution `grid_sample`, straight from the coordinate contract
+    (docs/design.md): pixel centres, the flip after the crop, bilinear with align_corners=False, edge-clamped inside
+    the image, 0 outside. Shares no code with gutout.warp."""
+    import torch.nn.functional as F
+
+    i = (torch.arange(H, dtype=torch.float64) + 0.5) / H  # (H,)
+    j = (torch.arange(W, dtype=torch.float64) + 0.5) / W  # (W,)
+    y0, x0, y1, x1 = windows.double().unbind(1)  # each (B,)
+    v = y0[:, None] + i[None] * (y1 - y0)[:, None]  # (B, H)
+    u = x0[:, None] + j[None] * (x1 - x0)[:, None]  # (B, W) before the flip
+    u = torch.where(flips[:, None], u.flip(1), u)
+    grid = torch.stack(torch.broadcast_tensors(2 * u[:, None, :] - 1, 2 * v[:, :, None] - 1), dim=-1)  # (B, H, W, 2)
+    sal = F.grid_sample(maps.double()[:, None], grid, mode="bilinear", padding_mode="border", align_corners=False)
+    inside = ((v >= 0) & (v <= 1))[:, :, None] & ((u >= 0) & (u <= 1))[:, None, :]
+    return (sal[:, 0] * inside).float()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_planned_area_thresholds_and_box_peaks_match_a_brute_force_oracle(seed):
+    g = torch.Generator().manual_seed(100 + seed)
+    B, H, W = 16, int(torch.randint(9, 40, (1,), generator=g)), int(torch.randint(9, 40, (1,), generator=g))
+    maps = torch.rand(B, 7, 7, generator=g) ** 3  # peaky, as trained Grad-CAM maps are
+    windows = random_windows(B, g, pad=0.25)
+    flips = torch.rand(B, generator=g) < 0.5
+    sal = brute_force_saliency(maps, windows, flips, H, W).flatten(1)  # (B, H * W)
+    area = float(torch.rand(1, generator=g) * 0.5 + 0.05)
+    plan = plan_cuts(maps, None, windows, flips, (H, W), CutConfig(policy="area", area=area, p=1.0))
+    k = max(1, round(area * H * W))
+    kth_largest = sal.sort(dim=1, descending=True).values[:, k - 1]
+    assert torch.allclose(plan.tau, kth_largest, atol=1e-5), (plan.tau - kth_largest).abs().max()
+    side = float(torch.rand(1, generator=g) * 0.5 + 0.1)
+    plan = plan_cuts(maps, None, windows, flips, (H, W), CutConfig(policy="box", size=side, p=1.0))
+    has_peak = sal.amax(1) > 0
+    assert torch.equal(plan.mode == MODE_BOX, has_peak)  # an all-zero crop (in the padding) is not cut
+    sh, sw = round(side * H), round(side * W)
+
+    def box_at(pixel):  # the square of side (sh, sw) centred on a pixel, clipped to the crop
+        cy, cx = pixel // W, pixel % W
+        return [max(cy - sh // 2, 0), max(cx - sw // 2, 0), min(cy - sh // 2 + sh, H), min(cx - sw // 2 + sw, W)]
+
+    for b in torch.nonzero(has_peak).flatten().tolist():
+        peaks = torch.nonzero(sal[b] >= sal[b].max() - 1e-5).flatten().tolist()  # the maximum, and exact ties
+        assert plan.box[b].tolist() in [box_at(p) for p in peaks], (b, plan.box[b].tolist(), box_at(peaks[0]))

@@ -107,7 +107,10 @@ def test_harvest_mode_reports_its_cost(data, tmp_path):
 
 def test_resume_refuses_another_runs_checkpoint(data, tmp_path):
     runner = CliRunner()
-    assert runner.invoke(main, base_args(data, tmp_path, "--epochs", "1", "--name", "r", "--wandb", "disabled"))
+    assert (
+        runner.invoke(main, base_args(data, tmp_path, "--epochs", "1", "--name", "r", "--wandb", "disabled")).exit_code
+        == 0
+    )
     result = runner.invoke(main, base_args(data, tmp_path, "--epochs", "1", "--name", "r", "--wandb", "disabled",
                                            "--policy", "area", "--resume"))  # fmt: skip
     assert result.exit_code != 0 and "policy: checkpoint has 'threshold', this run has 'area'" in result.output

@@ -89,6 +89,16 @@ class Runtime:
             for m in range(members):
                 self.groups[m] = dist.new_group(layout.group_ranks(m))
 
+    def broadcast_buffers(self, module: torch.nn.Module, member: int, layout: Layout) -> None:
+        """Give every rank of `member`'s DDP group the group leader's buffers (BatchNorm's running statistics).
+        DDP broadcasts them at the start of each forward, but each rank then updates them with its own batch: after
+        an epoch the copies differ, and evaluating or refreshing on several ranks would score several models."""
+        if layout.group_size < 2:
+            return
+        leader = layout.group_ranks(member)[0]
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=leader, group=self.groups[member])
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()

@@ -33,10 +33,15 @@ class Tracker:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
-            payload = dict(record)
-            for key, grid in (images or {}).items():
-                payload[key] = self._wandb_module.Image(grid)
-            self.wandb.log(payload)
+            try:
+                payload = dict(record)
+                for key, grid in (images or {}).items():
+                    payload[key] = self._wandb_module.Image(grid)
+                self.wandb.log(payload)
+            except Exception as err:  # noqa: BLE001 - a dashboard must never stop training
+                warnings.warn(f"W&B logging failed ({err}); it is off for the rest of this run, metrics.jsonl has "
+                              "every record", stacklevel=2)  # fmt: skip
+                self._close_wandb()
 
     @property
     def _wandb_module(self):
@@ -45,9 +50,15 @@ class Tracker:
         return wandb
 
     def finish(self) -> None:
-        if self.wandb is not None:
-            self.wandb.finish()
-            self.wandb = None
+        self._close_wandb()
+
+    def _close_wandb(self) -> None:
+        run, self.wandb = self.wandb, None
+        if run is not None:
+            try:
+                run.finish()
+            except Exception as err:  # noqa: BLE001 - nor may closing it
+                warnings.warn(f"W&B could not finish its run ({err})", stacklevel=2)
 
 
 def _init_wandb(run_dir: Path, config: dict, mode: str, project: str, name: str):

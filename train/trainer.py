@@ -479,6 +479,8 @@ class Trainer:
         bar.close()
         for iterator in iterators:
             iterator.close()
+        for member in self.members:  # one model per member from here on: the one the checkpoint holds
+            self.runtime.broadcast_buffers(member.net, member.index, self.layout)
         stats = [m.loader.stats for m in self.members]
         images_all, wait_all, erased_sum, erased_sq, erased_n = self.runtime.all_sum([
             images_seen, wait, sum(s.mean * s.samples for s in stats),

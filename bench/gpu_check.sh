@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # GPU evidence in one command, no DALI (the GPU machine cannot have it), under 8 minutes on an H100/H200:
-#   1. the CuPy-vs-torch cut equality tests and the Grad-CAM tests on CUDA; the cut-stage benchmark (fused
-#      kernel vs torch reference vs a plain normalise pass) and the Grad-CAM benchmark;
-#   2. ResNet-50 AMP training-step images/s at batch 256: no stage, Cutout, Gutout;
-#   3. the Fashion-MNIST comparison (gutout compare) on the full training set with the tensor backend.
-# Results go to $OUT (or runs/gpu-check): at most 8 files. Fashion-MNIST is read from .data/fashion-mnist
-# when present (carry the Debian files there), else from the usual places.
-# `--dry-run` runs the same steps on the CPU at tiny sizes, on a generated stand-in for Fashion-MNIST.
+#   1. tests on CUDA: the CuPy kernel against the torch reference (and the same source built on the host), the
+#      cut, the stage, the tensor backend, the drop-in loader and a trainer epoch on the device against the CPU
+#      (tests/test_device.py), Grad-CAM;
+#   2. benchmarks: the cut stage (fused kernel vs torch reference vs a normalise pass), Grad-CAM, and ResNet-50
+#      AMP training-step images/s at batch 256 (no stage, Cutout, Gutout);
+#   3. one epoch of a K = 2 peer-Gutout ensemble on Fashion-MNIST, AMP, tensor backend;
+#   4. the Fashion-MNIST comparison (gutout compare) with the tensor backend.
+# Results go to $OUT (or runs/gpu-check): 7 files. Fashion-MNIST is read from .data/fashion-mnist when present
+# (carry the Debian files there), else from the usual places.
+# `--dry-run` runs the very same steps on the CPU at tiny sizes, on a generated stand-in for Fashion-MNIST.
 #
 #   bash bench/gpu_check.sh            # on a CUDA machine
 #   bash bench/gpu_check.sh --dry-run  # anywhere
@@ -63,26 +66,35 @@ compare_results() {  # keep only the table and the figure of a comparison under 
   cp "$1/results.png" "$OUT/compare-results.png" 2>/dev/null
 }
 
+# One sequence of steps; the dry run only changes the device and the sizes.
 if [ $DRY = 1 ]; then
-  step tests $PY -m pytest -q -x tests/test_kernels.py tests/test_cut.py
-  step stage-bench $PY bench/stage.py --device cpu --batches 4 --size 32 --repeats 1
-  step gradcam-bench $PY bench/gradcam.py --device cpu --models resnet18 --batch 2 --size 64 --repeats 1
-  step train-step $PY bench/train_step.py --device cpu --model resnet18 --batch 4 --size 64 --steps 1 --blocks 1
+  DEVICE=cpu
   $PY -c "from pathlib import Path; from tests.conftest import fake_fashion_mnist; fake_fashion_mnist(Path('fake'))"
-  step compare $PY -m gutout.train.cli compare fashion-mnist --data fake --runs none,gutout-threshold --seeds 1 \
-    --epochs 1 --subset 64 --val-split 64 --batch-size 32 --device cpu --backend tensor --out compare --no-progress
-  compare_results compare
+  DATA_ARGS=(--data fake)
+  STAGE_ARGS=(--batches 4 --size 32 --repeats 1)
+  GRADCAM_ARGS=(--models resnet18 --batch 2 --size 64 --repeats 1)
+  STEP_ARGS=(--model resnet18 --batch 4 --size 64 --steps 1 --blocks 1)
+  TRAIN_ARGS=(--subset 128 --batch-size 32)
+  COMPARE_ARGS=(--runs none,gutout-threshold --seeds 1 --epochs 1 --subset 64 --val-split 64 --batch-size 32)
 else
-  step tests $PY -m pytest -q -rs tests/test_kernels.py tests/test_gradcam.py tests/test_cut.py
-  [ "$ONLY" = tests ] && exit $status
-  step stage-bench sh -c "$PY bench/stage.py --device cuda --repeats 50 && \
-    $PY bench/stage.py --device cuda --repeats 50 --dtype float16"
-  step gradcam-bench $PY bench/gradcam.py --device cuda --repeats 20
-  step train-step $PY bench/train_step.py --device cuda
+  DEVICE=cuda
+  STAGE_ARGS=(--repeats 50)
+  GRADCAM_ARGS=(--repeats 20)
+  STEP_ARGS=()
+  TRAIN_ARGS=()
   # Single models (K = 1), 6 configurations x 3 seeds, seed-major so a spent budget still covers each.
-  step compare $PY -m gutout.train.cli compare fashion-mnist "${DATA_ARGS[@]}" --seeds 3 --epochs 4 \
-    --device cuda --backend tensor --out compare --no-progress --time-budget 240
-  compare_results compare
+  COMPARE_ARGS=(--seeds 3 --epochs 4 --time-budget 240)
 fi
+step tests env GUTOUT_TEST_DEVICE=$DEVICE $PY -m pytest -q -rs tests/test_kernels.py tests/test_device.py \
+  tests/test_cut.py tests/test_gradcam.py
+[ "$ONLY" = tests ] && { echo "gpu_check: $([ $status = 0 ] && echo passed || echo FAILED)"; exit $status; }
+step benches sh -c "$PY bench/stage.py --device $DEVICE ${STAGE_ARGS[*]} && \
+  { [ $DEVICE = cpu ] || $PY bench/stage.py --device cuda ${STAGE_ARGS[*]} --dtype float16; } && \
+  $PY bench/gradcam.py --device $DEVICE ${GRADCAM_ARGS[*]} && $PY bench/train_step.py --device $DEVICE ${STEP_ARGS[*]}"
+step train $PY -m gutout.train.cli train fashion-mnist "${DATA_ARGS[@]}" --ensemble 2 --epochs 1 --device $DEVICE \
+  --backend tensor --wandb disabled --out train --no-progress "${TRAIN_ARGS[@]}"
+step compare $PY -m gutout.train.cli compare fashion-mnist "${DATA_ARGS[@]}" --device $DEVICE --backend tensor \
+  --out compare --no-progress "${COMPARE_ARGS[@]}"
+compare_results compare
 echo "gpu_check: $([ $status = 0 ] && echo passed || echo FAILED); results in $OUT"
 exit $status

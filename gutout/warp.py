@@ -1,4 +1,4 @@
-"""The coordinate contract (DESIGN.md) as separable interpolation matrices.
+"""The coordinate contract (docs/design.md) as separable interpolation matrices.
 
 A crop window has no rotation, so warping a canonical-frame map (B, h, w) into an H x W crop is
 separable: `Ry @ map @ Rx^T` with one (H, h) and one (W, w) matrix per sample. Each row of a matrix holds the two

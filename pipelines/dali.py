@@ -1,7 +1,7 @@
 """DALI backend: decode and augment with NVIDIA DALI (GPU "mixed" decoding on CUDA, CPU operators without one).
 
 Every view yields `pipelines.batch.Batch` records whose crop windows follow the canonical-frame contract of
-DESIGN.md: a window is the region of the whole source image, in [0, 1] units, that the output pixels cover.
+docs/design.md: a window is the region of the whole source image, in [0, 1] units, that the output pixels cover.
 
 How an epoch runs: the epoch's sample order (this shard's indices, permuted from `config.epoch_seed(epoch)`
 for `train`, in order otherwise) is fixed in Python, and a fresh pipeline is built for it (a few ms; the

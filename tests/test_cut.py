@@ -26,7 +26,7 @@ def erased_mask(before, after):
 
 
 def naive_erase_mask(plan, maps, windows, flips, H, W):
-    """Per-pixel loops straight from DESIGN.md: the plain path the batched one is tested against."""
+    """Per-pixel loops straight from docs/design.md: the plain path the batched one is tested against."""
     B = plan.mode.shape[0]
     mask = torch.zeros(B, H, W, dtype=torch.bool)
     for b in range(B):

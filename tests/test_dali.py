@@ -1,4 +1,4 @@
-"""The DALI backend against the coordinate contract (DESIGN.md), epoch coverage, sharding and bad input.
+"""The DALI backend against the coordinate contract (docs/design.md), epoch coverage, sharding and bad input.
 
 Images encode their own coordinates (red = source row, green = source column), so every output pixel says
 which source point it came from, and a wrong window or flip cannot pass. PNG keeps the values exact.
@@ -54,7 +54,7 @@ def denormalise(images: torch.Tensor, mean, std) -> torch.Tensor:
 
 
 def contract_coordinates(window: torch.Tensor, flip: bool, out_hw, src_hw):
-    """Source-pixel coordinates (row (H,), column (W,)) that output pixels must show, per DESIGN.md,
+    """Source-pixel coordinates (row (H,), column (W,)) that output pixels must show, per docs/design.md,
     and the masks of those inside the source image."""
     (H, W), (h, w) = out_hw, src_hw
     y0, x0, y1, x1 = window.double().tolist()

@@ -15,8 +15,11 @@ def test_gpu_check_dry_run(tmp_path):
     assert "gpu_check: passed" in result.stdout
     produced = sorted(p.name for p in tmp_path.iterdir())
     assert len(produced) <= 8, produced  # the device tool brings back at most 8 files
-    for name in ("env.txt", "tests.txt", "stage-bench.txt", "gradcam-bench.txt", "train-step.txt",
-                 "compare.txt", "compare-results.md", "compare-results.png"):  # fmt: skip
+    for name in ("env.txt", "tests.txt", "benches.txt", "train.txt", "compare.txt", "compare-results.md",
+                 "compare-results.png"):  # fmt: skip
         assert name in produced, produced
-    assert "| gutout |" in (tmp_path / "train-step.txt").read_text()
+    assert "| gutout |" in (tmp_path / "benches.txt").read_text()
+    tests = (tmp_path / "tests.txt").read_text()
+    assert " passed" in tests and " failed" not in tests
+    assert "| ensemble |" in (tmp_path / "train.txt").read_text()
     assert "| gutout-threshold | 0.5 | 0 |" in (tmp_path / "compare-results.md").read_text()

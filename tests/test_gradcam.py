@@ -178,7 +178,7 @@ def test_no_side_effects_on_modes_flags_grads_and_buffers():
 def test_hooks_are_removed_and_modes_restored_on_exceptions():
     model, layer, _, x = build("resnet18")
     model.train()
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ValueError, match="sample 2 asks for class 99, but the model gives"):
         GradCAM(model, layer, closed_form=False)(x, torch.tensor([1, 2, 99]))  # class 99 does not exist
     assert model.training and not model.get_submodule(layer)._forward_hooks
     with pytest.raises(ValueError, match="no layer 'layer9'.*layer4"):

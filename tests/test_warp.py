@@ -6,7 +6,7 @@ from tests.conftest import random_windows
 
 
 def grid_sample_reference(maps, windows, flips, hw):
-    """DESIGN.md's contract written with grid_sample: pixel centres, bilinear, border clamp, 0 outside."""
+    """docs/design.md's contract written with grid_sample: pixel centres, bilinear, border clamp, 0 outside."""
     B = maps.shape[0]
     H, W = hw
     y0, x0, y1, x1 = windows.unbind(-1)

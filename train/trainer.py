@@ -294,6 +294,7 @@ class Trainer:
         if self.runtime.is_main:
             with atomic_writer(self.run_dir / CHECKPOINT) as f:
                 torch.save(self.common_state(epoch), f)
+            self.checkpointed_epoch = epoch  # complete from the rename on, whatever interrupts what follows
             self.cache.save(self.run_dir / "cache.gsc")
             for old in self.run_dir.glob("member-*.epoch-*.pt"):  # earlier epochs are superseded now
                 if int(old.name.split(".epoch-")[1].split(".")[0]) < epoch:

@@ -13,7 +13,7 @@ import math
 import numpy as np
 from numba import njit, uint64
 
-from .cut import MODE_AREA, MODE_BOX, MODE_THRESHOLD
+from .plan import MODE_AREA, MODE_BOX, MODE_THRESHOLD
 
 f32 = np.float32
 SQRT3 = f32(math.sqrt(3.0))

@@ -32,8 +32,8 @@ import threading
 import numpy as np
 import torch
 
-from .cut import CutPlan
-from .normalise import affine, check_pair
+from .affine import affine, check_pair
+from .plan import CutPlan
 
 
 @functools.lru_cache(maxsize=1)

@@ -1,12 +1,11 @@
 """The cut: erase pixels of a batch of crops, chosen by canonical-frame saliency maps (or at random).
 
-A cut happens in two steps that both implementations share:
+A cut happens in two steps that every implementation shares:
 
-1. `plan_cuts` (torch, tiny tensors): per sample, draw whether to cut, pick the rule (threshold, area,
-   box, or a cold-start Cutout where no valid map exists) and its parameters: a saliency threshold `tau`
-   or an integer box.
-2. Apply the plan to the pixels: `apply_plan_torch` (the reference, any device) or the fused CuPy kernel
-   in `gutout.kernels` (warp, decision and fill in one pass over the erased pixels only).
+1. `plan_cuts` (`gutout.plan`): per sample, whether to cut, the rule, and its threshold or box.
+2. Painting the plan: `apply_plan_torch` here (the reference, any device), or a fused kernel — CUDA
+   (`gutout.kernels`: warp, decision and fill in one pass over the erased pixels only) or Numba on the CPU
+   (`gutout.cpu_kernel`).
 
 Erased pixels get `fill` in every channel; no other pixel changes.
 """
@@ -16,183 +15,32 @@ from __future__ import annotations
 import dataclasses
 import math
 import threading
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .config import ConfigError, check_choice, check_range, check_types, from_mapping
+from . import cpu_kernel, kernels
+from .config import from_mapping
+from .plan import MODE_AREA, MODE_BOX, MODE_NONE, MODE_THRESHOLD, POLICIES, CutConfig, CutPlan, plan_cuts
 from .warp import warp_to_crop
 
-POLICIES = ("threshold", "area", "box", "cutout", "erasing", "none")
-KERNELS = ("auto", "torch", "cupy", "numba")
-
-# Per-sample rules in a plan; the CuPy kernel uses the same numbers.
-MODE_NONE, MODE_THRESHOLD, MODE_AREA, MODE_BOX = 0, 1, 2, 3
-
-
-@dataclass(frozen=True)
-class CutConfig:
-    policy: str = "threshold"
-    threshold: float = 0.5  # erase where the warped, max-normalised saliency > threshold
-    area: float = 0.25  # `area` policy: fraction of the crop's pixels to erase, most salient first
-    size: float = 0.5  # box / Cutout side as a fraction of the crop side (Cutout paper: 16/32 on CIFAR)
-    box_center: str = "peak"  # `box`: centre on the saliency peak, or `sample` it with p ∝ saliency^gamma
-    gamma: float = 1.0
-    p: float = 1.0  # probability that a sample is cut at all
-    fill: float | str = 0.0  # 0 after normalisation is the dataset mean; "noise" = uniform, unit variance
-    erase_scale: tuple[float, float] = (0.02, 0.33)  # `erasing`: torchvision RandomErasing's area range...
-    erase_ratio: tuple[float, float] = (0.3, 3.3)  # ...and aspect-ratio range
-    cold_start: str = "cutout"  # samples without a valid map: Cutout of the policy's area, or "none"
-    kernel: str = "auto"  # "auto": the fused kernel of the device (CuPy on CUDA, Numba on the CPU) if it imports
-
-    def __post_init__(self):
-        check_types(self)
-        name = "CutConfig"
-        check_choice(name, "policy", self.policy, POLICIES)
-        check_range(name, "threshold", self.threshold, 0.0, 1.0)
-        check_range(name, "area", self.area, 0.0, 1.0)
-        check_range(name, "size", self.size, 0.0, 1.0)
-        check_choice(name, "box_center", self.box_center, ("peak", "sample"))
-        check_range(name, "gamma", self.gamma, 0.0, math.inf, lo_open=True)
-        check_range(name, "p", self.p, 0.0, 1.0)
-        if isinstance(self.fill, str):
-            check_choice(name, "fill", self.fill, ("noise",))
-        elif not isinstance(self.fill, (int, float)) or not math.isfinite(self.fill):
-            raise ConfigError(f"{name}.fill={self.fill!r} must be a finite number or 'noise'")
-        check_choice(name, "cold_start", self.cold_start, ("cutout", "none"))
-        if not 0 < self.erase_scale[0] <= self.erase_scale[1] <= 1:
-            raise ConfigError(f"{name}.erase_scale={self.erase_scale!r} must satisfy 0 < lo <= hi <= 1")
-        if not 0 < self.erase_ratio[0] <= self.erase_ratio[1]:
-            raise ConfigError(f"{name}.erase_ratio={self.erase_ratio!r} must satisfy 0 < lo <= hi")
-        check_choice(name, "kernel", self.kernel, KERNELS)
-
-    @property
-    def needs_maps(self) -> bool:
-        return self.policy in ("threshold", "area", "box")
-
-    @property
-    def cold_start_side(self) -> float:
-        """Side (fraction of the crop side) of the Cutout used where no map exists: the same area."""
-        return math.sqrt(self.area) if self.policy == "area" else self.size
-
-
-@dataclass
-class CutPlan:
-    mode: torch.Tensor  # (B,) int32, one of MODE_*
-    tau: torch.Tensor  # (B,) float32, saliency threshold for MODE_THRESHOLD / MODE_AREA
-    box: torch.Tensor  # (B, 4) int32 (r0, c0, r1, c1), half-open pixel box for MODE_BOX
-    noise_seed: int  # seeds the hash noise when fill == "noise"
-    saliency: torch.Tensor | None = None  # (B, H, W) warped saliency, when planning had to compute it
-
-
-def _random_boxes(n: int, hw: tuple[int, int], side: float, generator: torch.Generator | None):
-    """Cutout boxes: centre uniform over the crop (the box may hang over the edge and is clipped)."""
-    H, W = hw
-    cy = torch.randint(0, H, (n,), generator=generator)
-    cx = torch.randint(0, W, (n,), generator=generator)
-    return _boxes_at(cy, cx, hw, side)
-
-
-def _erasing_boxes(n: int, hw: tuple[int, int], config: CutConfig, generator: torch.Generator | None):
-    """torchvision's RandomErasing boxes: area and log-aspect uniform, up to 10 tries, inside the image.
-
-    Vectorised over samples: each of the 10 tries is drawn for every sample at once, and a sample keeps its
-    first try that fits; a sample with none is not erased (an empty box), as RandomErasing returns it intact.
-    """
-    H, W = hw
-    tries = 10
-    area = H * W * torch.empty(n, tries).uniform_(*config.erase_scale, generator=generator)
-    log_ratio = torch.empty(n, tries).uniform_(math.log(config.erase_ratio[0]), math.log(config.erase_ratio[1]),
-                                                generator=generator)  # fmt: skip
-    ratio = log_ratio.exp()
-    h = (area * ratio).sqrt().round().long()  # (n, tries)
-    w = (area / ratio).sqrt().round().long()
-    fits = (h < H) & (w < W)
-    first = torch.where(fits.any(1), fits.float().argmax(1), -1)  # (n,) index of the first try that fits
-    pick = first.clamp_min(0)[:, None]
-    h, w = h.gather(1, pick)[:, 0], w.gather(1, pick)[:, 0]
-    r0 = (torch.rand(n, generator=generator) * (H - h + 1)).floor().long()
-    c0 = (torch.rand(n, generator=generator) * (W - w + 1)).floor().long()
-    boxes = torch.stack([r0, c0, r0 + h, c0 + w], dim=1)
-    boxes[first < 0] = 0
-    return boxes.to(torch.int32)
-
-
-def _boxes_at(cy: torch.Tensor, cx: torch.Tensor, hw: tuple[int, int], side: float) -> torch.Tensor:
-    H, W = hw
-    sh, sw = round(side * H), round(side * W)
-    r0, c0 = cy - sh // 2, cx - sw // 2
-    boxes = torch.stack([r0, c0, r0 + sh, c0 + sw], dim=1)  # (n, 4)
-    lo = torch.zeros(4, dtype=boxes.dtype, device=boxes.device)
-    hi = torch.tensor([H, W, H, W], dtype=boxes.dtype, device=boxes.device)
-    return torch.minimum(torch.maximum(boxes, lo), hi).to(torch.int32)
-
-
-def plan_cuts(
-    maps: torch.Tensor | None,
-    valid: torch.Tensor | None,
-    windows: torch.Tensor | None,
-    flips: torch.Tensor | None,
-    image_hw: tuple[int, int],
-    config: CutConfig,
-    generator: torch.Generator | None = None,
-) -> CutPlan:
-    """Decide, per sample, what to erase. Random draws come from `generator` (a CPU generator)."""
-    H, W = image_hw
-    B = int(windows.shape[0]) if windows is not None else int(maps.shape[0])
-    device = maps.device if maps is not None else (windows.device if windows is not None else "cpu")
-    cut = torch.rand(B, generator=generator) < config.p  # CPU draws: identical on every device
-    mode = torch.zeros(B, dtype=torch.int32)
-    tau = torch.zeros(B, dtype=torch.float32)
-    box = torch.zeros(B, 4, dtype=torch.int32)
-    noise_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-    saliency = None
-
-    if config.policy == "cutout":
-        mode[cut] = MODE_BOX
-        box[cut] = _random_boxes(int(cut.sum()), image_hw, config.size, generator)
-    elif config.policy == "erasing":
-        mode[cut] = MODE_BOX
-        box[cut] = _erasing_boxes(int(cut.sum()), image_hw, config, generator)
-    elif config.needs_maps:
-        if maps is None:
-            raise ValueError(f"policy {config.policy!r} needs saliency maps, got none")
-        has_map = torch.ones(B, dtype=torch.bool) if valid is None else valid.detach().cpu().to(torch.bool)
-        use_map = cut & has_map
-        cold = cut & ~has_map
-        if config.cold_start == "cutout" and bool(cold.any()):
-            mode[cold] = MODE_BOX
-            box[cold] = _random_boxes(int(cold.sum()), image_hw, config.cold_start_side, generator)
-        if config.policy == "threshold":
-            mode[use_map] = MODE_THRESHOLD
-            tau[use_map] = config.threshold
-        elif bool(use_map.any()):
-            saliency = warp_to_crop(maps, windows, flips, image_hw)  # (B, H, W)
-            flat = saliency.flatten(1)  # (B, H*W)
-            if config.policy == "area":
-                k = max(1, round(config.area * H * W)) if config.area > 0 else 0
-                if k > 0:
-                    kth_largest = flat.kthvalue(H * W - k + 1, dim=1).values.cpu()  # (B,)
-                    mode[use_map] = MODE_AREA
-                    tau[use_map] = kth_largest[use_map]
-            else:  # box
-                peak, centre = (t.cpu() for t in flat.max(dim=1))
-                use_map &= peak > 0  # an all-zero map means "nothing to cut"
-                if config.box_center == "sample":
-                    weights = flat.clamp_min(0).cpu() ** config.gamma
-                    weights[~use_map] = 1.0  # rows that won't be used still need a valid distribution
-                    centre = torch.multinomial(weights, 1, generator=generator).squeeze(1)
-                mode[use_map] = MODE_BOX
-                box[use_map] = _boxes_at(centre // W, centre % W, image_hw, config.size)[use_map]
-    return CutPlan(
-        mode=mode.to(device),
-        tau=tau.to(device),
-        box=box.to(device),
-        noise_seed=noise_seed,
-        saliency=saliency,
-    )
-
+# The plan's names are the cut's vocabulary too: callers import them from either module.
+__all__ = [
+    "MODE_AREA",
+    "MODE_BOX",
+    "MODE_NONE",
+    "MODE_THRESHOLD",
+    "POLICIES",
+    "CutConfig",
+    "CutPlan",
+    "plan_cuts",
+    "apply_plan_torch",
+    "check_inputs",
+    "cut",
+    "erase_weights",
+    "hash_noise",
+    "resolve_kernel",
+]
 
 def hash_noise(flat_index: torch.Tensor, seed: int) -> torch.Tensor:
     """Uniform noise with unit variance from a counter hash of the NCHW linear index (float32).
@@ -303,8 +151,6 @@ def resolve_kernel(images: torch.Tensor, config: CutConfig) -> str:
     """The implementation that will cut `images`: a fused kernel ("cupy" on CUDA, "numba" on the CPU) or the
     torch reference. "auto" takes the device's fused kernel where it can run and the reference elsewhere;
     naming a kernel that cannot run is an error that says why."""
-    from . import cpu_kernel, kernels
-
     fused = {"cupy": kernels, "numba": cpu_kernel}
     if config.kernel == "torch":
         return "torch"
@@ -354,11 +200,7 @@ def cut(
     plan = plan_cuts(maps, valid, windows, flips, (H, W), config, generator)
     kernel = resolve_kernel(images, config)
     if kernel == "cupy":
-        from .kernels import apply_plan_cupy
-
-        return apply_plan_cupy(images, plan, maps, windows, flips, config.fill)
+        return kernels.apply_plan_cupy(images, plan, maps, windows, flips, config.fill)
     if kernel == "numba":
-        from .cpu_kernel import apply_plan_numba
-
-        return apply_plan_numba(images, plan, maps, windows, flips, config.fill)
+        return cpu_kernel.apply_plan_numba(images, plan, maps, windows, flips, config.fill)
     return apply_plan_torch(images, plan, maps, windows, flips, config.fill)

@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from .cut import CutPlan
+from .plan import CutPlan
 
 SOURCE = r"""
 #include <cuda_fp16.h>

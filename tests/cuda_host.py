@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from gutout.cut import CutPlan
 from gutout.kernels import DTYPES, SOURCE, prepare_launch
+from gutout.plan import CutPlan
 
 PRELUDE = r"""
 #pragma once

@@ -22,8 +22,9 @@ import torch
 from torch import nn
 
 from gutout import GradCAM, normalise_maps
-from gutout.cut import MODE_BOX, CutPlan, _random_boxes, apply_plan_torch, cut
+from gutout.cut import apply_plan_torch, cut
 from gutout.pipelines import LoaderConfig, make_source
+from gutout.plan import MODE_BOX, CutPlan, random_boxes
 
 OCCLUSIONS = ("random", "salient", "salient_box")
 
@@ -90,7 +91,7 @@ class Evaluator:
         for batch in self._batches(dataset):
             if boxes is None:  # one square per sample of the dataset, whichever shard and batch it comes in
                 draws = torch.Generator().manual_seed(settings.seed)
-                boxes = _random_boxes(N, tuple(batch.images.shape[-2:]), settings.side, draws)  # (N, 4)
+                boxes = random_boxes(N, tuple(batch.images.shape[-2:]), settings.side, draws)  # (N, 4)
             idx = batch.indices.cpu()
             random_view = occlude_boxes(batch.images, boxes[idx])
             for m, net in self.nets.items():

@@ -32,8 +32,10 @@ def main(argv=None) -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
     print(f"# Grad-CAM, batch {args.batch}, {args.size} px, {describe_device(device)}, median of {args.repeats}")
-    print("| model | plain forward ms | ours ms | ours, gradient path ms | pytorch-grad-cam ms "
-          "| ours / forward | pytorch-grad-cam / ours |")  # fmt: skip
+    print(
+        "| model | plain forward ms | ours ms | ours, gradient path ms | pytorch-grad-cam ms "
+        "| ours / forward | pytorch-grad-cam / ours |"
+    )
     print("|---|---|---|---|---|---|---|")
     for name in args.models.split(","):
         model = getattr(torchvision.models, name)().to(device).eval()
@@ -63,8 +65,10 @@ def main(argv=None) -> None:
                 candidates["oracle"] = lambda: oracle(images, targets)
         ms = time_side_by_side(candidates, device, args.repeats)
         oracle_ms = ms.get("oracle", float("nan"))
-        print(f"| {name} | {ms['forward']:.1f} | {ms['ours']:.1f} | {ms['gradient']:.1f} | {oracle_ms:.1f} "
-              f"| {ms['ours'] / ms['forward']:.3f} | {oracle_ms / ms['ours']:.2f} |")  # fmt: skip
+        print(
+            f"| {name} | {ms['forward']:.1f} | {ms['ours']:.1f} | {ms['gradient']:.1f} | {oracle_ms:.1f} "
+            f"| {ms['ours'] / ms['forward']:.3f} | {oracle_ms / ms['ours']:.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -75,8 +75,10 @@ class OtherLoad:
         self.start = (time.perf_counter(), machine_busy_s(), own_busy_s())
 
     def cores(self) -> float:
-        wall, machine, own = (now - then for now, then in zip((time.perf_counter(), machine_busy_s(), own_busy_s()),
-                                                              self.start, strict=True))  # fmt: skip
+        wall, machine, own = (
+            now - then
+            for now, then in zip((time.perf_counter(), machine_busy_s(), own_busy_s()), self.start, strict=True)
+        )
         return max(machine - own, 0.0) / max(wall, 1e-9)
 
 
@@ -170,8 +172,12 @@ def side_by_side(candidates: dict[str, Callable[[int], int]], rounds: int, epoch
             rates[name].append(images / (time.perf_counter() - start))
         other = load.cores()
         worst = max(worst, other)
-        print(f"round {r + 1}/{rounds}: " + ", ".join(f"{n} {rates[n][-1]:.0f}" for n in names)
-              + f" (other processes: {other:.2f} cores)", flush=True)  # fmt: skip
+        print(
+            f"round {r + 1}/{rounds}: "
+            + ", ".join(f"{n} {rates[n][-1]:.0f}" for n in names)
+            + f" (other processes: {other:.2f} cores)",
+            flush=True,
+        )
     if worst >= 0.1:
         print(f"WARNING: other processes used up to {worst:.2f} cores in a round; these timings are not valid")
     return rates
@@ -191,8 +197,13 @@ def profile_stage(dataset, config: LoaderConfig, stage: gutout.GutoutStage, repe
     batches = [b for _, b in zip(range(4), dali_folder_source(dataset, "train", config), strict=False)]
     generator = torch.Generator().manual_seed(0)
     clones = [b.images.clone() for b in batches]
-    run = lambda i: stage(clones[i % 4].copy_(batches[i % 4].images), batches[i % 4].indices,
-                          batches[i % 4].windows, batches[i % 4].flips, generator)  # fmt: skip
+    run = lambda i: stage(
+        clones[i % 4].copy_(batches[i % 4].images),
+        batches[i % 4].indices,
+        batches[i % 4].windows,
+        batches[i % 4].flips,
+        generator,
+    )
     copy = lambda i: clones[i % 4].copy_(batches[i % 4].images)
     for fn in (run, copy):
         fn(0)
@@ -223,15 +234,22 @@ def dali_breakdown(dataset, config: LoaderConfig, rounds: int) -> None:
     steps = ("read", "decode crop", "+ resize", "+ normalise")
 
     def build(step: str):
-        @pipeline_def(batch_size=B, num_threads=config.num_threads, device_id=None, seed=0, prefetch_queue_depth=2,
-                      exec_dynamic=True)  # fmt: skip
+        @pipeline_def(
+            batch_size=B,
+            num_threads=config.num_threads,
+            device_id=None,
+            seed=0,
+            prefetch_queue_depth=2,
+            exec_dynamic=True,
+        )
         def graph():
             jpegs, _ = fn.readers.file(files=files, labels=list(range(len(files))), pad_last_batch=True)
             if step == "read":
                 return jpegs
             shape = fn.peek_image_shape(jpegs)
-            anchor, size = fn.random_crop_generator(shape, random_area=list(config.crop_area),
-                                                    random_aspect_ratio=list(config.crop_ratio))  # fmt: skip
+            anchor, size = fn.random_crop_generator(
+                shape, random_area=list(config.crop_area), random_aspect_ratio=list(config.crop_ratio)
+            )
             images = fn.decoders.image_slice(jpegs, anchor, size, axis_names="HW", output_type=types.RGB)
             if step == "decode crop":
                 return images
@@ -288,11 +306,19 @@ def array_backends(rounds: int, batch: int, cut: gutout.CutConfig) -> None:
     loaders = {}
     for backend in ("tensor", "dali"):
         for policy in ("none", cut.policy):
-            options = dict(batch_size=batch, backend=backend, policy=policy, threshold=cut.threshold, p=cut.p,
-                           kernel=cut.kernel, peers="self")  # fmt: skip
+            options = dict(
+                batch_size=batch,
+                backend=backend,
+                policy=policy,
+                threshold=cut.threshold,
+                p=cut.p,
+                kernel=cut.kernel,
+                peers="self",
+            )
             name = f"{backend}{'+gutout' if policy != 'none' else ''}"
-            loaders[name] = GutoutLoader.from_arrays(data.images, data.labels, classes=data.classes, cache=cache,
-                                                     **options)  # fmt: skip
+            loaders[name] = GutoutLoader.from_arrays(
+                data.images, data.labels, classes=data.classes, cache=cache, **options
+            )
 
     def epochs(loader):
         def run(e: int) -> int:
@@ -355,9 +381,11 @@ def main() -> None:
     }
     if args.only:
         candidates = {name: fn for name, fn in candidates.items() if name in args.only}
-    print(f"{len(dataset)} JPEGs from {args.data}, batch {args.batch}, {args.size} px, {args.threads} DALI threads"
-          f" / DataLoader workers, torch {args.torch_threads} threads, {args.rounds} rounds of {args.epochs} epochs;"
-          f" stage: {args.policy} {args.threshold}, p {args.p}, kernel {args.kernel}")  # fmt: skip
+    print(
+        f"{len(dataset)} JPEGs from {args.data}, batch {args.batch}, {args.size} px, {args.threads} DALI threads"
+        f" / DataLoader workers, torch {args.torch_threads} threads, {args.rounds} rounds of {args.epochs} epochs;"
+        f" stage: {args.policy} {args.threshold}, p {args.p}, kernel {args.kernel}"
+    )
     rates = side_by_side(candidates, args.rounds, args.epochs)
     median = {name: statistics.median(values) for name, values in rates.items()}
     print(f"\n| loader | images/s (median of {args.rounds}) | min | max |\n|---|---|---|---|")
@@ -366,8 +394,11 @@ def main() -> None:
     if "dali+gutout" in median:
         print(f"\nerased fraction per sample: mean {stats[0].mean:.3f}, std {stats[0].std:.3f}")
     print("\nratios: the median over rounds of each round's ratio (both candidates ran in the same round), [IQR]")
-    for name, base, goal in (("dali+gutout", "dali", 0.97), ("dali+gutout", "torchvision", 1.8),
-                             ("dali", "torchvision", None)):  # fmt: skip
+    for name, base, goal in (
+        ("dali+gutout", "dali", 0.97),
+        ("dali+gutout", "torchvision", 1.8),
+        ("dali", "torchvision", None),
+    ):
         if name in rates and base in rates:
             ratio, low, high = paired_ratio(rates[name], rates[base])
             verdict = "" if goal is None else f" ({'meets' if ratio >= goal else 'misses'} the goal of {goal}x)"

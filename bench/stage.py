@@ -52,8 +52,10 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16"])
     args = parser.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    print(f"# Cut stage, 3 x {args.size} x {args.size} {args.dtype}, {describe_device(device)}, "
-          f"median of {args.repeats} (ms per batch)")  # fmt: skip
+    print(
+        f"# Cut stage, 3 x {args.size} x {args.size} {args.dtype}, {describe_device(device)}, "
+        f"median of {args.repeats} (ms per batch)"
+    )
     for B in map(int, args.batches.split(",")):
         images, maps, windows, flips = realistic_batch(B, args.size, device, dtype)
         work = images.clone()

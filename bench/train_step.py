@@ -87,8 +87,10 @@ def main(argv=None) -> None:
             sync(device)
             rates[name].append(args.steps * args.batch / (time.perf_counter() - start))
     median = {name: statistics.median(values) for name, values in rates.items()}
-    print(f"# {args.model} training step, batch {args.batch}, {args.size} px, {'AMP fp16, ' if amp else ''}"
-          f"{describe_device(device)}; median of {args.blocks} blocks of {args.steps} steps")  # fmt: skip
+    print(
+        f"# {args.model} training step, batch {args.batch}, {args.size} px, {'AMP fp16, ' if amp else ''}"
+        f"{describe_device(device)}; median of {args.blocks} blocks of {args.steps} steps"
+    )
     print("| variant | images/s | vs no stage | vs cutout |")
     print("|---|---|---|---|")
     for name, value in median.items():

@@ -218,8 +218,26 @@ def normalise_sample(source, pixels, shape, strides, b, scale, bias, spans, n, f
 
 
 @njit(cache=True, nogil=True)
-def cut_batch(pixels, shape, strides, maps, saliency, windows, flips, mode, tau, box, fill, noise, seed, erased, spans,
-              source, scale, bias):  # fmt: skip
+def cut_batch(
+    pixels,
+    shape,
+    strides,
+    maps,
+    saliency,
+    windows,
+    flips,
+    mode,
+    tau,
+    box,
+    fill,
+    noise,
+    seed,
+    erased,
+    spans,
+    source,
+    scale,
+    bias,
+):
     """Apply a CutPlan (mode, tau, box per sample) to a batch in place; erased[b] = pixel count.
 
     The batch is `pixels`, its memory as a flat array, with `shape` (B, C, H, W) and `strides` in elements.

@@ -33,5 +33,7 @@ def check_pair(source: torch.Tensor, out: torch.Tensor) -> None:
     if source.dtype != torch.uint8 or source.dim() != 4:
         raise ValueError(f"normalise: source must be uint8 (B, C, H, W), got {source.dtype} {tuple(source.shape)}")
     if out.dtype != torch.float32 or tuple(out.shape) != tuple(source.shape):
-        raise ValueError(f"normalise: out must be float32 of the source's shape {tuple(source.shape)}, "
-                         f"got {out.dtype} {tuple(out.shape)}")  # fmt: skip
+        raise ValueError(
+            f"normalise: out must be float32 of the source's shape {tuple(source.shape)}, "
+            f"got {out.dtype} {tuple(out.shape)}"
+        )

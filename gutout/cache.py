@@ -176,7 +176,35 @@ class SaliencyCache:
             raise IndexError(f"member ids span [{int(members.min())}, {int(members.max())}], K={self.members}")
         return self.maps[members, indices], self.valid[members, indices]
 
-    # -- snapshots ---------------------------------------------------------------------------------
+    # -- snapshots and checkpoints -----------------------------------------------------------------
+
+    # What ties maps to a run: the samples they index (fingerprint, count), their layout, and how they were made.
+    IDENTITY = ("fingerprint", "samples", "map_size", "members", "layer", "target")
+
+    def identity(self) -> dict:
+        header = self.header()
+        return {key: header[key] for key in self.IDENTITY}
+
+    def state_dict(self) -> dict:
+        """Both buffers, the epoch and the header, on the CPU: what a training checkpoint holds to resume exactly."""
+        return {
+            "header": self.header(),
+            "maps": self.maps.cpu(),
+            "valid": self.valid.cpu(),
+            "pending_maps": self._pending_maps.cpu(),
+            "pending_valid": self._pending_valid.cpu(),
+            "epoch": self.epoch,
+        }
+
+    def load_state_dict(self, state: dict, *, source: str = "the cache state") -> None:
+        """Restore `state_dict()`: a state of other samples or another layout is a CacheSnapshotError naming each
+        difference (`source` names where it came from)."""
+        check_header(state["header"], self.identity(), source=source)
+        self.maps.copy_(state["maps"])
+        self.valid.copy_(state["valid"])
+        self._pending_maps.copy_(state["pending_maps"])
+        self._pending_valid.copy_(state["pending_valid"])
+        self.epoch = state["epoch"]
 
     def header(self) -> dict:
         return {
@@ -237,16 +265,23 @@ class SaliencyCache:
         if not intact:
             raise CacheSnapshotError(f"{path}: cache snapshot is corrupted (checksum mismatch)")
         K, N, (h, w) = header["members"], header["samples"], header["map_size"]
-        cache = cls(K, N, (h, w), device=device, fingerprint=header["fingerprint"],
-                    layer=header["layer"], target=header["target"])  # fmt: skip
+        cache = cls(
+            K,
+            N,
+            (h, w),
+            device=device,
+            fingerprint=header["fingerprint"],
+            layer=header["layer"],
+            target=header["target"],
+        )
         map_bytes = K * N * h * w * 2
-        maps = torch.frombuffer(bytearray(payload[:map_bytes]), dtype=torch.int16).view(torch.float16)
-        valid = torch.frombuffer(bytearray(payload[map_bytes:]), dtype=torch.bool)
-        cache.maps.copy_(maps.view(K, N, h, w))
-        cache.valid.copy_(valid.view(K, N))
-        cache._pending_maps.copy_(cache.maps)
-        cache._pending_valid.copy_(cache.valid)
-        cache.epoch = header["epoch"]
+        maps = torch.frombuffer(bytearray(payload[:map_bytes]), dtype=torch.int16).view(torch.float16).view(K, N, h, w)
+        valid = torch.frombuffer(bytearray(payload[map_bytes:]), dtype=torch.bool).view(K, N)
+        # A snapshot holds the published buffer; writers start from it.
+        state = dict(
+            header=header, maps=maps, valid=valid, pending_maps=maps, pending_valid=valid, epoch=header["epoch"]
+        )
+        cache.load_state_dict(state, source=str(path))
         return cache
 
 
@@ -280,9 +315,15 @@ def _is_count(value, lo: int = 1) -> bool:
 def _check_layout(header: dict, path: Path) -> None:
     """The header's sizes are well-formed and agree with its payload length (checked before any allocation)."""
     size = header.get("map_size")
-    ok = (_is_count(header.get("members")) and _is_count(header.get("samples")) and isinstance(size, list)
-          and len(size) == 2 and all(_is_count(v) for v in size) and _is_count(header.get("payload_bytes"), 0)
-          and isinstance(header.get("epoch"), int))  # fmt: skip
+    ok = (
+        _is_count(header.get("members"))
+        and _is_count(header.get("samples"))
+        and isinstance(size, list)
+        and len(size) == 2
+        and all(_is_count(v) for v in size)
+        and _is_count(header.get("payload_bytes"), 0)
+        and isinstance(header.get("epoch"), int)
+    )
     if not ok:
         raise CacheSnapshotError(f"{path}: corrupted cache snapshot header (sizes missing or malformed)")
     K, N, (h, w) = header["members"], header["samples"], size

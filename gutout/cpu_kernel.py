@@ -18,10 +18,9 @@ Fused with normalisation (`normalise_and_cut_numba`, for loaders that normalise 
 writes the batch from uint8 pixels, normalised, and puts the fill straight into the spans, so each pixel is
 written once and the cut costs only its span search.
 
-Numba is imported lazily and compiles on first use (about 3 s, then cached on disk: 0.4 s per process);
-without it the torch reference runs. NCHW and channels-last float32 batches take this path; others the
-reference. The stores are the kernel's cost: at the loader bench's 59% erased, 1.3-1.7 ms per batch of
-64 x 3 x 224 x 224 against 3.0-3.5 ms for the reference (`python bench/stage.py` compares policies).
+Numba is imported lazily and compiles on first use (then cached on disk); without it the torch reference runs.
+NCHW and channels-last float32 batches take this path; others the reference. The stores are the kernel's cost
+(`python bench/stage.py` measures it against the reference and a plain normalise pass).
 """
 
 from __future__ import annotations

@@ -42,6 +42,7 @@ __all__ = [
     "resolve_kernel",
 ]
 
+
 def hash_noise(flat_index: torch.Tensor, seed: int) -> torch.Tensor:
     """Uniform noise with unit variance from a counter hash of the NCHW linear index (float32).
 

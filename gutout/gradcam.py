@@ -210,8 +210,10 @@ class GradCAM:
         outside = ((targets < 0) | (targets >= logits.shape[-1])).nonzero()
         if len(outside):
             i = int(outside[0])
-            raise ValueError(f"GradCAM: sample {i} asks for class {int(targets[i])}, but the model gives "
-                             f"{logits.shape[-1]} logits; its head must have one output per class")  # fmt: skip
+            raise ValueError(
+                f"GradCAM: sample {i} asks for class {int(targets[i])}, but the model gives "
+                f"{logits.shape[-1]} logits; its head must have one output per class"
+            )
         if try_closed_form:
             head = find_linear_head(self.model, activations.shape[1])
             self._head_is_linear = head is not None and _head_matches(head, activations, logits)

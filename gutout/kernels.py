@@ -182,9 +182,20 @@ def prepare_launch(images: torch.Tensor, plan: CutPlan, maps, windows, flips, fi
         "erased": torch.zeros(B, dtype=torch.int32, device=device),
     }
     sB, sC, sH, sW = images.stride()  # any memory layout, channels-last included
-    scalars = dict(sB=sB, sC=sC, sH=sH, sW=sW, C=C, H=H, W=W, h=tensors["maps"].shape[1],
-                   w=tensors["maps"].shape[2], fill=0.0 if fill == "noise" else float(fill),
-                   noise=int(fill == "noise"), seed=plan.noise_seed)  # fmt: skip
+    scalars = dict(
+        sB=sB,
+        sC=sC,
+        sH=sH,
+        sW=sW,
+        C=C,
+        H=H,
+        W=W,
+        h=tensors["maps"].shape[1],
+        w=tensors["maps"].shape[2],
+        fill=0.0 if fill == "noise" else float(fill),
+        noise=int(fill == "noise"),
+        seed=plan.noise_seed,
+    )
     return Launch(((H * W + THREADS - 1) // THREADS, B), THREADS, tensors, scalars)
 
 
@@ -203,11 +214,21 @@ def apply_plan_cupy(
             launch.grid,
             (launch.block,),
             (
-                view(t["images"]), *(cupy.int64(s[k]) for k in ("sB", "sC", "sH", "sW")),
+                view(t["images"]),
+                *(cupy.int64(s[k]) for k in ("sB", "sC", "sH", "sW")),
                 *(cupy.int32(s[k]) for k in ("C", "H", "W")),
-                view(t["maps"]), cupy.int32(s["h"]), cupy.int32(s["w"]), view(t["windows"]), view(t["flips"]),
-                view(t["mode"]), view(t["tau"]), view(t["box"]),
-                cupy.float32(s["fill"]), cupy.int32(s["noise"]), cupy.uint32(s["seed"]), view(t["erased"]),
+                view(t["maps"]),
+                cupy.int32(s["h"]),
+                cupy.int32(s["w"]),
+                view(t["windows"]),
+                view(t["flips"]),
+                view(t["mode"]),
+                view(t["tau"]),
+                view(t["box"]),
+                cupy.float32(s["fill"]),
+                cupy.int32(s["noise"]),
+                cupy.uint32(s["seed"]),
+                view(t["erased"]),
             ),
-        )  # fmt: skip
+        )
     return images, t["erased"].float() / (s["H"] * s["W"])

@@ -17,6 +17,9 @@ from .config import ConfigError, check_choice, check_range, check_types
 from .warp import warp_to_crop
 
 POLICIES = ("threshold", "area", "box", "cutout", "erasing", "none")
+SALIENCY_POLICIES = ("threshold", "area", "box")  # the policies that read maps (and need them refreshed)
+BOX_CENTERS = ("peak", "sample")
+COLD_STARTS = ("cutout", "none")
 KERNELS = ("auto", "torch", "cupy", "numba")
 
 # Per-sample rules in a plan; the CuPy kernel uses the same numbers.
@@ -40,19 +43,19 @@ class CutConfig:
 
     def __post_init__(self):
         check_types(self)
-        name = "CutConfig"
+        name = type(self).__name__  # configs that extend this one (TrainConfig) are named in their errors
         check_choice(name, "policy", self.policy, POLICIES)
         check_range(name, "threshold", self.threshold, 0.0, 1.0)
         check_range(name, "area", self.area, 0.0, 1.0)
         check_range(name, "size", self.size, 0.0, 1.0)
-        check_choice(name, "box_center", self.box_center, ("peak", "sample"))
+        check_choice(name, "box_center", self.box_center, BOX_CENTERS)
         check_range(name, "gamma", self.gamma, 0.0, math.inf, lo_open=True)
         check_range(name, "p", self.p, 0.0, 1.0)
         if isinstance(self.fill, str):
             check_choice(name, "fill", self.fill, ("noise",))
         elif not isinstance(self.fill, (int, float)) or not math.isfinite(self.fill):
             raise ConfigError(f"{name}.fill={self.fill!r} must be a finite number or 'noise'")
-        check_choice(name, "cold_start", self.cold_start, ("cutout", "none"))
+        check_choice(name, "cold_start", self.cold_start, COLD_STARTS)
         if not 0 < self.erase_scale[0] <= self.erase_scale[1] <= 1:
             raise ConfigError(f"{name}.erase_scale={self.erase_scale!r} must satisfy 0 < lo <= hi <= 1")
         if not 0 < self.erase_ratio[0] <= self.erase_ratio[1]:
@@ -61,7 +64,7 @@ class CutConfig:
 
     @property
     def needs_maps(self) -> bool:
-        return self.policy in ("threshold", "area", "box")
+        return self.policy in SALIENCY_POLICIES
 
     @property
     def cold_start_side(self) -> float:
@@ -95,8 +98,9 @@ def _erasing_boxes(n: int, hw: tuple[int, int], config: CutConfig, generator: to
     H, W = hw
     tries = 10
     area = H * W * torch.empty(n, tries).uniform_(*config.erase_scale, generator=generator)
-    log_ratio = torch.empty(n, tries).uniform_(math.log(config.erase_ratio[0]), math.log(config.erase_ratio[1]),
-                                                generator=generator)  # fmt: skip
+    log_ratio = torch.empty(n, tries).uniform_(
+        math.log(config.erase_ratio[0]), math.log(config.erase_ratio[1]), generator=generator
+    )
     ratio = log_ratio.exp()
     h = (area * ratio).sqrt().round().long()  # (n, tries)
     w = (area / ratio).sqrt().round().long()
@@ -184,5 +188,3 @@ def plan_cuts(
         noise_seed=noise_seed,
         saliency=saliency,
     )
-
-

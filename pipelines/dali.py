@@ -28,13 +28,20 @@ import torch
 
 from gutout.config import ConfigError, check_choice
 
-from .batch import VIEWS, Batch, LoaderConfig, ShardedSource, epoch_order
-from .datasets import ArrayDataset, CorruptImage, DatasetError, FolderDataset, check_images, describe_bad_files
-from .host_finish import Finisher, HostFinish
-from .normalise import resolve_stats
+from .batch import VIEWS, Batch, HostNormalisingSource, LoaderConfig, NormaliseAndCut, ShardedSource, epoch_order
+from .datasets import (
+    FOLDER_IMAGE_SIZE,
+    ArrayDataset,
+    CorruptImage,
+    DatasetError,
+    FolderDataset,
+    check_images,
+    describe_bad_files,
+)
+from .host_finish import HostFinish
+from .statistics import resolve_stats
 
 READER = "Reader"
-DEFAULT_FOLDER_SIZE = 224
 PREFETCH = 2  # DALI's prefetch queue depth: a decode error may surface up to this many batches early
 _FULL_WINDOW = (0.0, 0.0, 1.0, 1.0)
 _SALT_PERMUTATION, _SALT_AUGMENT = 0, 1
@@ -77,8 +84,6 @@ def _dali_reason(err: Exception) -> str:
 class _DaliSource(ShardedSource):
     """One view of one dataset shard as a `BatchSource`: `len()` batches per epoch, the last one partial."""
 
-    fuses_cut = False  # True where batches are normalised on the host, so `run_epoch(finish)` can cut in that pass
-
     def __init__(self, dataset: FolderDataset | ArrayDataset, view: str, config: LoaderConfig):
         check_choice("dali source", "view", view, VIEWS)
         super().__init__(len(dataset), view, config)
@@ -114,20 +119,21 @@ class _DaliSource(ShardedSource):
     def _build(self, order: torch.Tensor):
         raise NotImplementedError
 
-    def _batch(self, outputs: tuple, start: int, batch_order: torch.Tensor, finish: Finisher | None) -> Batch:
+    def _batch(
+        self, outputs: tuple, start: int, batch_order: torch.Tensor, normalise_and_cut: NormaliseAndCut | None
+    ) -> Batch:
         raise NotImplementedError
 
     def _fail(self, err: Exception, order: torch.Tensor, batch: int) -> DatasetError:
-        return DatasetError(f"{self.dataset.name}: DALI failed in batch {batch} of the {self.view} view: "
-                            f"{_dali_reason(err)}")  # fmt: skip
+        return DatasetError(
+            f"{self.dataset.name}: DALI failed in batch {batch} of the {self.view} view: {_dali_reason(err)}"
+        )
 
     def __iter__(self) -> Iterator[Batch]:
-        return self.run_epoch()
+        return self._epoch(None)
 
-    def run_epoch(self, finish: Finisher | None = None) -> Iterator[Batch]:
-        """This epoch's batches. Where the source normalises on the host (`fuses_cut`), `finish(source uint8,
-        out float32, mean, std, indices, windows, flips)` replaces that normalisation: a stage's
-        `normalise_and_cut`, so the cut rides the same pass. Other sources ignore it (the loader cuts after)."""
+    def _epoch(self, normalise_and_cut: NormaliseAndCut | None) -> Iterator[Batch]:
+        """This epoch's batches; a source that normalises on the host uses `normalise_and_cut` for that pass."""
         order = self.epoch_order()
         if order.numel() == 0:
             return
@@ -136,8 +142,9 @@ class _DaliSource(ShardedSource):
             pipe = self._build(order)
             pipe.build()
         except RuntimeError as err:
-            raise DatasetError(f"{self.dataset.name}: cannot build the DALI {self.view} pipeline: "
-                               f"{_dali_reason(err)}") from None  # fmt: skip
+            raise DatasetError(
+                f"{self.dataset.name}: cannot build the DALI {self.view} pipeline: {_dali_reason(err)}"
+            ) from None
         batches, depth = len(self), self._depth()
         try:
             # schedule_run/outputs rather than run(): run() keeps `depth` iterations in flight past the
@@ -151,11 +158,11 @@ class _DaliSource(ShardedSource):
                         pipe.schedule_run()  # one more in flight while this batch is used
                 except RuntimeError as err:
                     raise self._fail(err, order, k) from None
-                yield self._batch(outputs, k * B, order[k * B : (k + 1) * B], finish)
+                yield self._batch(outputs, k * B, order[k * B : (k + 1) * B], normalise_and_cut)
         finally:
             del pipe  # a pipeline that failed is unusable; each epoch builds its own anyway
 
-    def _finish(self, images, indices, windows, flips) -> Batch:
+    def _make_batch(self, images, indices, windows, flips) -> Batch:
         """Move the small per-sample tensors next to the images; labels come from the dataset's table."""
         indices = indices.to(self.device, torch.int64, non_blocking=True)
         return Batch(
@@ -269,15 +276,11 @@ def folder_pipeline(
 class DaliFolderSource(_DaliSource):
     def __init__(self, dataset: FolderDataset, view: str, config: LoaderConfig):
         super().__init__(dataset, view, config)
-        self.image_size = config.image_size if config.image_size is not None else DEFAULT_FOLDER_SIZE
+        self.image_size = config.image_size if config.image_size is not None else FOLDER_IMAGE_SIZE
         self.paths = np.asarray(dataset.paths, dtype=object)  # indexed by an epoch's order, no Python loop
         self.has_window = view != "refresh"
         self.has_flip = view == "train" and config.flip
-        # Without a GPU, train crops are resized and normalised on the host (see pipelines.host_finish).
-        self.host = None
-        if view == "train" and self.device_id is None and config.cpu_resize == "torch":
-            self.host = HostFinish(self.image_size, self.mean, self.std, config.batch_size)
-        self.fuses_cut = self.host is not None
+        self.host: HostFinish | None = None  # DaliHostFolderSource finishes its crops on the host
 
     def _build(self, order: torch.Tensor):
         return folder_pipeline(
@@ -297,7 +300,9 @@ class DaliFolderSource(_DaliSource):
             **self._pipeline_kwargs(),
         )
 
-    def _batch(self, outputs: tuple, start: int, batch_order: torch.Tensor, finish: Finisher | None) -> Batch:
+    def _batch(
+        self, outputs: tuple, start: int, batch_order: torch.Tensor, normalise_and_cut: NormaliseAndCut | None
+    ) -> Batch:
         n = batch_order.numel()  # the reader pads the last batch with repeats: keep the first n
         outputs = iter(outputs)
         images = next(outputs)  # (n, 3, S, S) finished by DALI, or (h, w, 3) crops for the host to finish
@@ -308,14 +313,16 @@ class DaliFolderSource(_DaliSource):
             windows = torch.tensor(_FULL_WINDOW).expand(n, 4)
         flips = _to_torch(next(outputs), torch.device("cpu"))[:n].view(n) if self.has_flip else torch.zeros(n)
         if self.host is None:
-            return self._finish(_to_torch(images, self.device)[:n], indices, windows, flips)
-        batch = self._finish(None, indices, windows, flips)
+            return self._make_batch(_to_torch(images, self.device)[:n], indices, windows, flips)
+        batch = self._make_batch(None, indices, windows, flips)
         resized = self.host.resize([images[i] for i in range(n)], batch.flips)  # (n, 3, S, S) uint8
         out = self.host.output(tuple(resized.shape))
-        if finish is None:
+        if normalise_and_cut is None:
             return batch._replace(images=self.host.normalise(resized, out))
-        return batch._replace(images=finish(resized, out, self.host.mean, self.host.std, batch.indices,
-                                            batch.windows, batch.flips))  # fmt: skip
+        images = normalise_and_cut(
+            resized, out, self.host.mean, self.host.std, batch.indices, batch.windows, batch.flips
+        )
+        return batch._replace(images=images)
 
     def _fail(self, err: Exception, order: torch.Tensor, batch: int) -> DatasetError:
         """Name the file behind a DALI failure: decode the failing batch and the prefetched ones with PIL."""
@@ -350,16 +357,16 @@ def array_pipeline(
     from nvidia.dali import fn
 
     if view == "train":
-        images, anchor, mirror = fn.external_source(source=source, num_outputs=3, batch=True,
-                                                    layout=["HWC", None, None])  # fmt: skip
+        images, anchor, mirror = fn.external_source(
+            source=source, num_outputs=3, batch=True, layout=["HWC", None, None]
+        )
     else:
         images, anchor, mirror = fn.external_source(source=source, batch=True, layout="HWC"), None, 0
     if on_gpu:
         images = images.gpu()
     if anchor is not None:
         # Pad-and-crop in one step: an H x W slice at (anchor_y, anchor_x) in [-pad, pad], zeros outside.
-        images = fn.slice(images, anchor, [height, width], axis_names="HW", out_of_bounds_policy="pad",
-                          fill_values=0)  # fmt: skip
+        images = fn.slice(images, anchor, [height, width], axis_names="HW", out_of_bounds_policy="pad", fill_values=0)
     if out_size != (height, width):
         images = fn.resize(images, size=list(out_size))  # (S, S, C): the whole crop, so windows are unchanged
     images = fn.crop_mirror_normalize(
@@ -417,23 +424,39 @@ class DaliArraySource(_DaliSource):
             **self._pipeline_kwargs(),
         )
 
-    def _batch(self, outputs: tuple, start: int, batch_order: torch.Tensor, finish: Finisher | None) -> Batch:
+    def _batch(
+        self, outputs: tuple, start: int, batch_order: torch.Tensor, normalise_and_cut: NormaliseAndCut | None
+    ) -> Batch:
         n = batch_order.numel()
         images = _to_torch(outputs[0], self.device)  # (n, C, S, S)
         if self.view != "train":
-            return self._finish(images, batch_order, torch.tensor(_FULL_WINDOW).expand(n, 4), torch.zeros(n))
+            return self._make_batch(images, batch_order, torch.tensor(_FULL_WINDOW).expand(n, 4), torch.zeros(n))
         hw = torch.tensor([self.height, self.width], dtype=torch.float32)
         lo = self.anchors[start : start + n].float() / hw  # (n, 2): the crop's top-left, outside [0, 1] in the pad
-        return self._finish(images, batch_order, torch.cat([lo, lo + 1], dim=1), self.flips[start : start + n])
+        return self._make_batch(images, batch_order, torch.cat([lo, lo + 1], dim=1), self.flips[start : start + n])
 
 
 # -- the public entry points ----------------------------------------------------------------------------
 
 
+class DaliHostFolderSource(HostNormalisingSource, DaliFolderSource):
+    """The train view without a GPU: DALI decodes the crops, the host resizes, flips and normalises them (see
+    pipelines.host_finish), and a stage can cut in that normalising pass."""
+
+    def __init__(self, dataset: FolderDataset, view: str, config: LoaderConfig):
+        super().__init__(dataset, view, config)
+        self.host = HostFinish(self.image_size, self.mean, self.std, config.batch_size)
+
+    def normalised_epoch(self, normalise_and_cut: NormaliseAndCut) -> Iterator[Batch]:
+        return self._epoch(normalise_and_cut)
+
+
 def dali_folder_source(dataset: FolderDataset, view: str, config: LoaderConfig) -> DaliFolderSource:
     """An ImageFolder view decoded by DALI: `train` (random-resized crop + flip), `val` (centre crop of the
-    shorter side / config.val_resize), `refresh` (the whole image squashed: the canonical frame)."""
-    return DaliFolderSource(dataset, view, config)
+    shorter side / config.val_resize), `refresh` (the whole image squashed: the canonical frame). Without a GPU the
+    train view is finished on the host (`cpu_resize="torch"`, faster than DALI's CPU resize)."""
+    host = view == "train" and dali_device(config)[1] is None and config.cpu_resize == "torch"
+    return (DaliHostFolderSource if host else DaliFolderSource)(dataset, view, config)
 
 
 def dali_array_source(dataset: ArrayDataset, view: str, config: LoaderConfig) -> DaliArraySource:

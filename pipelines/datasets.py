@@ -9,6 +9,7 @@ import gzip
 import os
 import pickle
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,15 +23,18 @@ FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")  # fmt: skip
-# Per-channel statistics in [0, 1] pixel units (torchvision's convention).
-STATS = {
-    "fashion-mnist": ((0.2860,), (0.3530,)),
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-}
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 
 
 class DatasetError(ValueError):
@@ -298,8 +302,10 @@ def class_mismatch(train: FolderDataset, val: FolderDataset) -> str | None:
         return None
     missing = sorted(set(train.classes) - set(val.classes))
     extra = sorted(set(val.classes) - set(train.classes))
-    return (f"{val.root} and {train.root} must hold the same class folders "
-            f"(missing from val: {missing or 'none'}; only in val: {extra or 'none'})")  # fmt: skip
+    return (
+        f"{val.root} and {train.root} must hold the same class folders "
+        f"(missing from val: {missing or 'none'}; only in val: {extra or 'none'})"
+    )
 
 
 class CorruptImage(DatasetError):
@@ -310,8 +316,10 @@ class CorruptImage(DatasetError):
         super().__init__(self.message())
 
     def message(self, option: str = "skip_corrupt=True") -> str:
-        return (f"{self.dataset}: {self.problem}: remove it, or leave such files out with {option} "
-                "(`gutout check` lists every bad file)")  # fmt: skip
+        return (
+            f"{self.dataset}: {self.problem}: remove it, or leave such files out with {option} "
+            "(`gutout check` lists every bad file)"
+        )
 
 
 @dataclass(frozen=True)
@@ -375,3 +383,86 @@ def load_folder(root: str | os.PathLike, *, skip_corrupt: bool = False, name: st
         if len(dataset) == 0:
             raise DatasetError(f"{name}: every file under {root} failed to decode")
     return dataset
+
+
+def _load_folder_split(name: str, split: str, data: str | os.PathLike, skip_corrupt: bool) -> FolderDataset:
+    """An ImageFolder root's `train/` or (for the test split) `val/`."""
+    return load_folder(Path(data) / ("train" if split == "train" else "val"), skip_corrupt=skip_corrupt, name=name)
+
+
+FOLDER_IMAGE_SIZE = 224  # the output side of image folders unless the caller sets one (ImageNet's convention)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One dataset `gutout train` knows. Adding a dataset is one record here (and its loader function)."""
+
+    name: str
+    # (split "train" or "test", --data or None, skip_corrupt) -> the split
+    load: Callable[[str, str | os.PathLike | None, bool], ArrayDataset | FolderDataset]
+    mean: tuple[float, ...]  # per-channel statistics in [0, 1] pixel units (torchvision's convention)
+    std: tuple[float, ...]
+    cutout_side: float  # Cutout's square, a fraction of the image side (DeVries & Taylor 2017: 16/32 on CIFAR-10)
+    image_size: int | None = None  # the training side; None: the arrays' own
+    needs_data: bool = True  # --data is required (no copy on the machine to fall back to)
+    default_model: str = "small-resnet"  # for 28-32 px images; ImageNet-sized ones take a torchvision ResNet
+
+    def split(self, split: str, data: str | os.PathLike | None = None, skip_corrupt: bool = False):
+        if self.needs_data and data is None:
+            raise DatasetError(f"dataset {self.name!r} needs --data PATH")
+        return self.load(split, data, skip_corrupt)
+
+
+DATASETS = {
+    spec.name: spec
+    for spec in [
+        DatasetSpec(
+            "fashion-mnist",
+            lambda split, data, _: load_fashion_mnist(split, data),
+            (0.2860,),
+            (0.3530,),
+            cutout_side=0.5,
+            needs_data=False,
+        ),  # the paper has no Fashion-MNIST side: CIFAR-10's half
+        DatasetSpec(
+            "cifar10",
+            lambda split, data, _: load_cifar("cifar10", split, data),
+            (0.4914, 0.4822, 0.4465),
+            (0.2470, 0.2435, 0.2616),
+            cutout_side=0.5,
+        ),
+        DatasetSpec(
+            "cifar100",
+            lambda split, data, _: load_cifar("cifar100", split, data),
+            (0.5071, 0.4865, 0.4409),
+            (0.2673, 0.2564, 0.2762),
+            cutout_side=0.25,
+        ),
+        DatasetSpec(
+            "imagenet",
+            lambda split, data, skip: _load_folder_split("imagenet", split, data, skip),
+            (0.485, 0.456, 0.406),
+            (0.229, 0.224, 0.225),
+            cutout_side=0.5,
+            image_size=FOLDER_IMAGE_SIZE,
+            default_model="resnet18",
+        ),
+        DatasetSpec(
+            "folder",
+            lambda split, data, skip: _load_folder_split("folder", split, data, skip),
+            (0.485, 0.456, 0.406),
+            (0.229, 0.224, 0.225),
+            cutout_side=0.5,
+            image_size=FOLDER_IMAGE_SIZE,
+            default_model="resnet18",
+        ),  # any ImageFolder root: ImageNet's statistics
+    ]
+}
+STATS = {name: (spec.mean, spec.std) for name, spec in DATASETS.items()}
+
+
+def registered(dataset) -> DatasetSpec | None:
+    """The record of a dataset loaded through the registry (its name starts with the record's: `cifar10/train`,
+    `fashion-mnist/train[subset]`), or None."""
+    family = dataset.name.split("/")[0].split("[")[0]
+    return DATASETS.get(family)

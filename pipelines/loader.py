@@ -25,7 +25,7 @@ from gutout import GradCAM, GutoutStage, SaliencyCache, StageConfig
 from gutout.config import ConfigError
 from gutout.cut import CutConfig
 
-from .batch import Batch, BatchSource, LoaderConfig
+from .batch import Batch, BatchSource, HostNormalisingSource, LoaderConfig
 from .datasets import ArrayDataset, DatasetError, FolderDataset, class_labels, load_folder
 
 _LOADER_KEYS = {f.name for f in dataclasses.fields(LoaderConfig)}
@@ -46,8 +46,25 @@ def split_options(options: dict[str, Any]) -> tuple[dict, dict]:
     return loader, stage
 
 
+def resolve_backend(backend: str, dataset) -> str:
+    """The backend "auto" stands for: tensor for in-memory arrays; for image folders DALI where it imports, else
+    torch. Named backends are returned as they are."""
+    if backend != "auto":
+        return backend
+    if isinstance(dataset, ArrayDataset):
+        return "tensor"
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return "torch"
+    return "dali"
+
+
 def make_source(dataset: ArrayDataset | FolderDataset, view: str, config: LoaderConfig) -> BatchSource:
     """The backend's BatchSource for one view of `dataset`."""
+    backend = resolve_backend(config.backend, dataset)
+    if backend != config.backend:
+        config = dataclasses.replace(config, backend=backend)
     if config.backend == "tensor":
         from .tensor_backend import TensorArraySource
 
@@ -90,9 +107,9 @@ class GutoutLoader:
         """An ImageFolder tree; `options` are LoaderConfig fields, CutConfig fields and `peers`."""
         loader_options, stage_options = split_options(options)
         dataset = load_folder(root, skip_corrupt=skip_corrupt)
-        loader_options.setdefault("image_size", 224)
-        return cls(dataset, LoaderConfig(**loader_options), _stage_config(stage_options, cache), cache=cache,
-                   member=member)  # fmt: skip
+        return cls(
+            dataset, LoaderConfig(**loader_options), _stage_config(stage_options, cache), cache=cache, member=member
+        )
 
     @classmethod
     def from_arrays(cls, images, labels, *, classes=None, cache=None, member: int = 0, name="arrays", **options):
@@ -103,8 +120,9 @@ class GutoutLoader:
             classes = tuple(str(c) for c in range(int(checked.max()) + 1 if checked.numel() else 0))
         loader_options, stage_options = split_options(options)
         dataset = ArrayDataset(images, labels, classes, name)
-        return cls(dataset, LoaderConfig(**loader_options), _stage_config(stage_options, cache), cache=cache,
-                   member=member)  # fmt: skip
+        return cls(
+            dataset, LoaderConfig(**loader_options), _stage_config(stage_options, cache), cache=cache, member=member
+        )
 
     # -- the DataLoader face ---------------------------------------------------------------------------
 
@@ -118,8 +136,10 @@ class GutoutLoader:
     def batches(self) -> Iterator[Batch]:
         """Gutout'ed batches with their indices, windows and flips."""
         generator = torch.Generator().manual_seed(self.config.epoch_seed(self.epoch, salt=self.member + 1))
-        if getattr(self.source, "fuses_cut", False):  # normalised on the host: cut in that very pass
-            yield from self.source.run_epoch(functools.partial(self.stage.normalise_and_cut, generator=generator))
+        if isinstance(self.source, HostNormalisingSource):  # normalised on the host: cut in that very pass
+            yield from self.source.normalised_epoch(
+                functools.partial(self.stage.normalise_and_cut, generator=generator)
+            )
             return
         for batch in self.source:
             images = self.stage(batch.images, batch.indices, batch.windows, batch.flips, generator)
@@ -141,8 +161,9 @@ class GutoutLoader:
 
     # -- saliency refresh ------------------------------------------------------------------------------
 
-    def refresh(self, model: torch.nn.Module, layer: str | None = None, *, publish: bool = True,
-                batch_size: int | None = None) -> None:  # fmt: skip
+    def refresh(
+        self, model: torch.nn.Module, layer: str | None = None, *, publish: bool = True, batch_size: int | None = None
+    ) -> None:
         """Grad-CAM of `model` at the true labels over the whole dataset (refresh view: the canonical frame),
         written into the cache as this loader's member and published."""
         if self.cache is None:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .batch import Batch, LoaderConfig, ShardedSource, epoch_order
 from .datasets import ArrayDataset, DatasetError
-from .normalise import resolve_stats
+from .statistics import resolve_stats
 
 
 class TensorArraySource(ShardedSource):

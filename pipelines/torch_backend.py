@@ -15,8 +15,8 @@ import torch.utils.data
 from torchvision.transforms.v2 import functional as TF
 
 from .batch import Batch, LoaderConfig, ShardedSource, epoch_order
-from .datasets import ArrayDataset, BadFile, CorruptImage, FolderDataset, describe_bad_files
-from .normalise import resolve_stats
+from .datasets import FOLDER_IMAGE_SIZE, ArrayDataset, BadFile, CorruptImage, FolderDataset, describe_bad_files
+from .statistics import resolve_stats
 
 
 def random_resized_crop_params(
@@ -53,7 +53,9 @@ class _Samples(torch.utils.data.Dataset):
         self.mean, self.std = list(mean), list(std)
         self.epoch_seed = config.epoch_seed(0)
         self.is_folder = isinstance(dataset, FolderDataset)
-        self.size = config.image_size if config.image_size is not None else (224 if self.is_folder else None)
+        self.size = (
+            config.image_size if config.image_size is not None else (FOLDER_IMAGE_SIZE if self.is_folder else None)
+        )
 
     def __len__(self) -> int:
         return len(self.dataset)

@@ -68,8 +68,9 @@ def expected_coordinates(window, flip: bool, out_hw, src_hw, mistake: str | None
     return rows, cols
 
 
-def contract_errors(raw: torch.Tensor, window, flip: bool, src_hw, border: int = 0, mistake: str | None = None,
-                    crop_first: bool = False):  # fmt: skip
+def contract_errors(
+    raw: torch.Tensor, window, flip: bool, src_hw, border: int = 0, mistake: str | None = None, crop_first: bool = False
+):
     """Largest |shown - expected| in px over rows and columns. Compared: pixels inside the source image, minus
     `border` output px (antialiasing is clamped at a crop's edge) and, where the window reaches past the image,
     the pixels whose resampling footprint reaches the black outside (one source px, or one output px's worth)."""

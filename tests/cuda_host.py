@@ -120,8 +120,12 @@ def build(folder: Path) -> ctypes.CDLL:
         include.mkdir(parents=True, exist_ok=True)
         (include / "cuda_fp16.h").write_text(PRELUDE)
         (folder / f"kernel-{key}.cpp").write_text(SOURCE + DRIVER)
-        subprocess.run([compiler(), *FLAGS, f"-I{include}", str(folder / f"kernel-{key}.cpp"), "-o", str(library)],
-                       check=True, capture_output=True, text=True)  # fmt: skip
+        subprocess.run(
+            [compiler(), *FLAGS, f"-I{include}", str(folder / f"kernel-{key}.cpp"), "-o", str(library)],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
     return ctypes.CDLL(str(library))
 
 
@@ -134,11 +138,23 @@ def apply_plan_host(
     function = getattr(library, f"gutout_cut_{'float' if DTYPES[images.dtype] == 'float' else 'half'}")
     pointer = lambda name: ctypes.c_void_p(t[name].data_ptr())
     function(
-        ctypes.c_int(launch.grid[0]), ctypes.c_int(launch.grid[1]), ctypes.c_int(launch.block),
-        pointer("images"), *(ctypes.c_longlong(s[k]) for k in ("sB", "sC", "sH", "sW")),
+        ctypes.c_int(launch.grid[0]),
+        ctypes.c_int(launch.grid[1]),
+        ctypes.c_int(launch.block),
+        pointer("images"),
+        *(ctypes.c_longlong(s[k]) for k in ("sB", "sC", "sH", "sW")),
         *(ctypes.c_int(s[k]) for k in ("C", "H", "W")),
-        pointer("maps"), ctypes.c_int(s["h"]), ctypes.c_int(s["w"]), pointer("windows"), pointer("flips"),
-        pointer("mode"), pointer("tau"), pointer("box"),
-        ctypes.c_float(s["fill"]), ctypes.c_int(s["noise"]), ctypes.c_uint(s["seed"] & 0xFFFFFFFF), pointer("erased"),
-    )  # fmt: skip
+        pointer("maps"),
+        ctypes.c_int(s["h"]),
+        ctypes.c_int(s["w"]),
+        pointer("windows"),
+        pointer("flips"),
+        pointer("mode"),
+        pointer("tau"),
+        pointer("box"),
+        ctypes.c_float(s["fill"]),
+        ctypes.c_int(s["noise"]),
+        ctypes.c_uint(s["seed"] & 0xFFFFFFFF),
+        pointer("erased"),
+    )
     return images, t["erased"].float() / (s["H"] * s["W"])

@@ -59,8 +59,9 @@ def folder_backends():
 @pytest.mark.parametrize("backend", folder_backends())
 @pytest.mark.parametrize("view", ["train", "val", "refresh"])
 def test_image_folder_views_follow_the_contract(encoded_folder, backend, view):
-    config = LoaderConfig(batch_size=4, image_size=48, seed=7, backend=backend, num_threads=0 if backend == "torch"
-                          else 1, **RAW)  # fmt: skip
+    config = LoaderConfig(
+        batch_size=4, image_size=48, seed=7, backend=backend, num_threads=0 if backend == "torch" else 1, **RAW
+    )
     batches = []
     for epoch in range(3 if view == "train" else 1):
         source = make_source(encoded_folder, view, config)

@@ -51,8 +51,10 @@ def naive_erase_mask(plan, maps, windows, flips, H, W):
                     r, c = min(math.floor(py), h - 2), min(math.floor(px), w - 2)
                     fy, fx = py - r, px - c
                     m = maps[b].double()
-                    s = float((1 - fy) * ((1 - fx) * m[r, c] + fx * m[r, c + 1])
-                              + fy * ((1 - fx) * m[r + 1, c] + fx * m[r + 1, c + 1]))  # fmt: skip
+                    s = float(
+                        (1 - fy) * ((1 - fx) * m[r, c] + fx * m[r, c + 1])
+                        + fy * ((1 - fx) * m[r + 1, c] + fx * m[r + 1, c + 1])
+                    )
                 tau = float(plan.tau[b])
                 mask[b, i, j] = s > tau if mode == MODE_THRESHOLD else (s >= tau and s > 0)
     return mask
@@ -137,8 +139,7 @@ def test_box_policy_centres_on_the_saliency_peak():
     maps = torch.zeros(1, 7, 7)
     maps[0, 5, 2] = 1.0
     full = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
-    out, erased = cut(torch.ones(1, 1, 28, 28), maps, full, torch.zeros(1, dtype=torch.bool),
-                      policy="box", size=0.25)  # fmt: skip
+    out, erased = cut(torch.ones(1, 1, 28, 28), maps, full, torch.zeros(1, dtype=torch.bool), policy="box", size=0.25)
     rows, cols = (out[0, 0] == 0).nonzero(as_tuple=True)
     assert float(erased) == 49 / 784
     # Cell (5, 2) covers rows 20..23 and columns 8..11: the peak is one of its two central pixels.
@@ -149,8 +150,16 @@ def test_box_sample_follows_saliency():
     maps = torch.zeros(64, 7, 7)
     maps[:, 1, 5] = 1.0  # all the mass in one cell: sampled centres fall near it
     full = torch.tensor([[0.0, 0.0, 1.0, 1.0]]).expand(64, 4)
-    out, _ = cut(torch.ones(64, 1, 28, 28), maps, full, torch.zeros(64, dtype=torch.bool),
-                 policy="box", box_center="sample", size=0.1, generator=torch.Generator().manual_seed(0))  # fmt: skip
+    out, _ = cut(
+        torch.ones(64, 1, 28, 28),
+        maps,
+        full,
+        torch.zeros(64, dtype=torch.bool),
+        policy="box",
+        box_center="sample",
+        size=0.1,
+        generator=torch.Generator().manual_seed(0),
+    )
     rows, cols = (out[:, 0] == 0).nonzero(as_tuple=True)[1:]
     assert rows.float().mean().sub(5.5).abs() < 2 and cols.float().mean().sub(21.5).abs() < 2
 

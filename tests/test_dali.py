@@ -298,11 +298,21 @@ def test_gpu_graphs_are_well_formed_without_a_gpu(view):
     from gutout.pipelines.dali import array_pipeline, folder_pipeline
 
     common = dict(mean=[0.5] * 3, std=[0.2] * 3, dtype=types.FLOAT16, batch_size=2, num_threads=1, device_id=0)
-    folder = folder_pipeline(files=["x.jpg"], indices=[0], view=view, image_size=32, crop_area=(0.08, 1.0),
-                             crop_ratio=(0.75, 1.33), crop_fraction=0.875 if view == "val" else None, flip=True,
-                             decode_device="mixed", **common)  # fmt: skip
-    arrays = array_pipeline(source=lambda: iter(()), view=view, height=4, width=4, out_size=(8, 8), on_gpu=True,
-                            **common)  # fmt: skip
+    folder = folder_pipeline(
+        files=["x.jpg"],
+        indices=[0],
+        view=view,
+        image_size=32,
+        crop_area=(0.08, 1.0),
+        crop_ratio=(0.75, 1.33),
+        crop_fraction=0.875 if view == "val" else None,
+        flip=True,
+        decode_device="mixed",
+        **common,
+    )
+    arrays = array_pipeline(
+        source=lambda: iter(()), view=view, height=4, width=4, out_size=(8, 8), on_gpu=True, **common
+    )
     for pipe in (folder, arrays):
         if not hasattr(pipe, "_build_graph"):
             pytest.skip("this DALI has no _build_graph")

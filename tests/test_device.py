@@ -46,10 +46,25 @@ def test_cut_on_the_device_equals_the_cpu(case, dtype):
         pytest.skip("float16 batches are a CUDA path")
     images, maps, windows, flips, valid = batch()
     cfg = CutConfig(**case)
-    reference, _ = cut(images.to(dtype), maps, windows, flips, cfg, valid=valid,
-                       generator=torch.Generator().manual_seed(1), kernel="torch")  # fmt: skip
-    out, erased = cut(images.to(DEVICE, dtype), maps.to(DEVICE), windows.to(DEVICE), flips.to(DEVICE), cfg,
-                      valid=valid.to(DEVICE), generator=torch.Generator().manual_seed(1))  # fmt: skip
+    reference, _ = cut(
+        images.to(dtype),
+        maps,
+        windows,
+        flips,
+        cfg,
+        valid=valid,
+        generator=torch.Generator().manual_seed(1),
+        kernel="torch",
+    )
+    out, erased = cut(
+        images.to(DEVICE, dtype),
+        maps.to(DEVICE),
+        windows.to(DEVICE),
+        flips.to(DEVICE),
+        cfg,
+        valid=valid.to(DEVICE),
+        generator=torch.Generator().manual_seed(1),
+    )
     assert out.device.type == DEVICE.type and out.dtype == dtype and erased.device.type == DEVICE.type
     threshold = cfg.policy in ("threshold", "area")
     if threshold and cfg.policy == "area":  # area thresholds: ties only at each sample's own k-th value
@@ -72,8 +87,13 @@ def test_stage_with_a_device_cache_equals_the_cpu():
     outs = {}
     for device, cache in caches.items():
         stage = GutoutStage(StageConfig(CutConfig(policy="threshold", threshold=0.5)), cache, member=0)
-        outs[device] = stage(images.clone().to(device), torch.arange(12).to(device), windows.to(device),
-                             flips.to(device), torch.Generator().manual_seed(2))  # fmt: skip
+        outs[device] = stage(
+            images.clone().to(device),
+            torch.arange(12).to(device),
+            windows.to(device),
+            flips.to(device),
+            torch.Generator().manual_seed(2),
+        )
         assert outs[device].device.type == torch.device(device).type and stage.stats.samples == 12
     peers = caches["cpu"].maps.float()  # member 0 reads member 1's maps
     assert_same_cut(outs[str(DEVICE)], outs["cpu"], peers[1], windows, flips, threshold_policy=True)
@@ -88,8 +108,9 @@ def test_drop_in_loader_and_refresh_on_the_device():
         torch.manual_seed(0)
         model = small_resnet(10, 1).to(device)
         cache = SaliencyCache(1, 64, (7, 7), device=device)
-        loader = GutoutLoader.from_arrays(images, labels, cache=cache, batch_size=16, policy="threshold",
-                                          device=str(device), backend="tensor")  # fmt: skip
+        loader = GutoutLoader.from_arrays(
+            images, labels, cache=cache, batch_size=16, policy="threshold", device=str(device), backend="tensor"
+        )
         loader.refresh(model)
         assert bool(cache.valid.all()) and cache.maps.device.type == torch.device(device).type
         batches = list(loader)
@@ -104,8 +125,18 @@ def test_drop_in_loader_and_refresh_on_the_device():
 
 def test_one_epoch_of_an_ensemble_on_the_device(tmp_path):
     data = fake_fashion_mnist(tmp_path / "data", n_train=256, n_test=64)
-    cfg = TrainConfig(data=str(data), out=str(tmp_path), ensemble=2, epochs=1, batch_size=64, device=DEVICE.type,
-                      backend="tensor", wandb="disabled", num_threads=0, eval_batch_size=128)  # fmt: skip
+    cfg = TrainConfig(
+        data=str(data),
+        out=str(tmp_path),
+        ensemble=2,
+        epochs=1,
+        batch_size=64,
+        device=DEVICE.type,
+        backend="tensor",
+        wandb="disabled",
+        num_threads=0,
+        eval_batch_size=128,
+    )
     trainer = Trainer(cfg, log=lambda *a: None)
     final = trainer.run()
     assert trainer.device.type == DEVICE.type and trainer.amp == (DEVICE.type == "cuda")

@@ -46,8 +46,22 @@ def gutout(*args, timeout=600, env=None):
 
 
 def common(data, out, *extra):
-    return ["--data", str(data), "--out", str(out), "--device", "cpu", "--wandb", "disabled", "--no-progress",
-            "--batch-size", "32", "--num-threads", "0", *extra]  # fmt: skip
+    return [
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--wandb",
+        "disabled",
+        "--no-progress",
+        "--batch-size",
+        "32",
+        "--num-threads",
+        "0",
+        *extra,
+    ]
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -103,17 +117,23 @@ def assert_complete(run: Path, members: int, epochs: int) -> None:
 
 @pytest.mark.slow
 def test_ddp_groups_and_several_members_per_rank(data, tmp_path):
-    ddp = gutout(*common(data, tmp_path, "--ensemble", "2", "--subset", "256", "--epochs", "2", "--nproc", "4",
-                         "--name", "ddp"))  # fmt: skip
+    ddp = gutout(
+        *common(data, tmp_path, "--ensemble", "2", "--subset", "256", "--epochs", "2", "--nproc", "4", "--name", "ddp")
+    )
     assert ddp.returncode == 0, ddp.stdout[-3000:] + ddp.stderr[-3000:]
     assert_complete(tmp_path / "ddp", members=2, epochs=2)
-    packed = gutout(*common(data, tmp_path, "--ensemble", "3", "--subset", "256", "--epochs", "2", "--nproc", "2",
-                            "--name", "packed"))  # fmt: skip
+    packed = gutout(
+        *common(
+            data, tmp_path, "--ensemble", "3", "--subset", "256", "--epochs", "2", "--nproc", "2", "--name", "packed"
+        )
+    )
     assert packed.returncode == 0, packed.stdout[-3000:] + packed.stderr[-3000:]
     assert_complete(tmp_path / "packed", members=3, epochs=2)
     # Two ranks holding members (0, 2) and (1,) compute what one process holding all three does.
-    one = gutout(*common(data, tmp_path, "--ensemble", "3", "--subset", "256", "--epochs", "2", "--name", "one"),
-                 env=dict(os.environ, OMP_NUM_THREADS="1"))  # fmt: skip
+    one = gutout(
+        *common(data, tmp_path, "--ensemble", "3", "--subset", "256", "--epochs", "2", "--name", "one"),
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     assert one.returncode == 0, one.stderr[-3000:]
     assert untimed(metrics(tmp_path / "one")[-1]) == untimed(metrics(tmp_path / "packed")[-1])
     a, b = (SaliencyCache.load(tmp_path / name / "cache.gsc") for name in ("one", "packed"))
@@ -136,10 +156,28 @@ def _children(pid: int) -> list[int]:
 
 @pytest.mark.slow
 def test_a_killed_rank_restarts_and_resumes(data, tmp_path):
-    args = common(data, tmp_path, "--ensemble", "2", "--subset", "384", "--epochs", "3", "--nproc", "2",
-                  "--max-restarts", "1", "--name", "victim")  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-m", "gutout", "train", "fashion-mnist", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    args = common(
+        data,
+        tmp_path,
+        "--ensemble",
+        "2",
+        "--subset",
+        "384",
+        "--epochs",
+        "3",
+        "--nproc",
+        "2",
+        "--max-restarts",
+        "1",
+        "--name",
+        "victim",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gutout", "train", "fashion-mnist", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     run = tmp_path / "victim"
     deadline = time.time() + 300
     while not (run / "checkpoint.pt").exists() and time.time() < deadline:
@@ -150,8 +188,11 @@ def test_a_killed_rank_restarts_and_resumes(data, tmp_path):
     output, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, "\n".join(line for line in output.splitlines() if not line.startswith("W1"))[-6000:]
     assert "resuming" in output
-    straight = gutout(*common(data, tmp_path, "--ensemble", "2", "--subset", "384", "--epochs", "3", "--nproc", "2",
-                              "--name", "straight"))  # fmt: skip
+    straight = gutout(
+        *common(
+            data, tmp_path, "--ensemble", "2", "--subset", "384", "--epochs", "3", "--nproc", "2", "--name", "straight"
+        )
+    )
     assert straight.returncode == 0, straight.stderr[-3000:]
     # torchrun runs each worker with one thread, so the restarted run must reproduce the uninterrupted one exactly.
     assert [untimed(r) for r in metrics(run)] == [untimed(r) for r in metrics(tmp_path / "straight")]
@@ -161,8 +202,22 @@ def test_a_killed_rank_restarts_and_resumes(data, tmp_path):
 def test_harvest_on_two_ranks_checkpoints_every_ranks_maps(data, tmp_path):
     # One member trained by a DDP group of two ranks, each harvesting its shard; a refresh only every second
     # epoch, so the last two epochs' maps stay unpublished: the checkpoint (rank 0's) must still hold both shards'.
-    args = common(data, tmp_path, "--subset", "256", "--epochs", "3", "--refresh", "harvest", "--refresh-every", "2",
-                  "--nproc", "2", "--name", "harvest")  # fmt: skip
+    args = common(
+        data,
+        tmp_path,
+        "--subset",
+        "256",
+        "--epochs",
+        "3",
+        "--refresh",
+        "harvest",
+        "--refresh-every",
+        "2",
+        "--nproc",
+        "2",
+        "--name",
+        "harvest",
+    )
     run = gutout(*args)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     cache = torch.load(tmp_path / "harvest" / "checkpoint.pt", weights_only=False)["cache"]

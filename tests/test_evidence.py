@@ -14,11 +14,12 @@ from gutout.pipelines.datasets import stratified_split
 from gutout.train.cli import main
 from gutout.train.compare import parse_seeds, results_markdown, summarise
 from gutout.train.config import TrainConfig, make_config
+from gutout.train.data import load_splits as load_datasets
 from gutout.train.evaluation import OcclusionConfig
 from gutout.train.metrics import fit_temperature
 from gutout.train.models import build_model
 from gutout.train.stats import estimate, paired_difference, t_quantile
-from gutout.train.trainer import Trainer, load_datasets
+from gutout.train.trainer import Trainer
 from tests.conftest import fake_fashion_mnist
 
 
@@ -61,9 +62,33 @@ def test_validation_split_is_the_same_for_every_seed_and_disjoint_from_training(
 
 
 def test_train_with_a_validation_split_reads_the_test_set_once(data, tmp_path):
-    args = ["train", "fashion-mnist", "--data", str(data), "--out", str(tmp_path), "--batch-size", "32",
-            "--eval-batch-size", "256", "--num-threads", "0", "--no-progress", "--wandb", "disabled", "--ensemble", "2",
-            "--epochs", "2", "--subset", "256", "--val-split", "128", "--name", "v"]  # fmt: skip
+    args = [
+        "train",
+        "fashion-mnist",
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path),
+        "--batch-size",
+        "32",
+        "--eval-batch-size",
+        "256",
+        "--num-threads",
+        "0",
+        "--no-progress",
+        "--wandb",
+        "disabled",
+        "--ensemble",
+        "2",
+        "--epochs",
+        "2",
+        "--subset",
+        "256",
+        "--val-split",
+        "128",
+        "--name",
+        "v",
+    ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert (
@@ -75,8 +100,14 @@ def test_train_with_a_validation_split_reads_the_test_set_once(data, tmp_path):
     assert not any(key.startswith("test/") for key in records[0])  # the test set is read once, at the end
     last = records[-1]
     for split in ("val", "test"):
-        for key in ("ensemble/acc", "ensemble/nll_ts", "ensemble/ece_ts", "ensemble/occlusion/salient_acc",
-                    "member/1/occlusion/random_acc", "ensemble/occlusion/salient_box_acc"):  # fmt: skip
+        for key in (
+            "ensemble/acc",
+            "ensemble/nll_ts",
+            "ensemble/ece_ts",
+            "ensemble/occlusion/salient_acc",
+            "member/1/occlusion/random_acc",
+            "ensemble/occlusion/salient_box_acc",
+        ):
             assert f"{split}/{key}" in last, f"{split}/{key}"
     assert last["val/ensemble/nll_ts"] <= last["val/ensemble/nll"] + 1e-9
     assert last["time/run_s"] == pytest.approx(sum(r["time/epoch_s"] for r in records))
@@ -93,8 +124,20 @@ def test_train_with_a_validation_split_reads_the_test_set_once(data, tmp_path):
     ],
 )
 def test_bad_evidence_options_name_themselves(data, tmp_path, extra, message):
-    args = ["train", "fashion-mnist", "--data", str(data), "--out", str(tmp_path), "--epochs", "1", "--no-progress",
-            "--wandb", "disabled", *extra]  # fmt: skip
+    args = [
+        "train",
+        "fashion-mnist",
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path),
+        "--epochs",
+        "1",
+        "--no-progress",
+        "--wandb",
+        "disabled",
+        *extra,
+    ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code != 0 and message in result.output, result.output
     assert "Traceback" not in result.output
@@ -138,8 +181,10 @@ def test_paired_difference_matches_a_hand_computation():
     # differences 1.0, 0.5, 1.5: mean 1.0, sd 0.5, se 0.5 / sqrt(3); t(0.975, 2) = 4.302653
     assert (d.n, d.mean) == (3, pytest.approx(1.0))
     assert d.se == pytest.approx(0.5 / math.sqrt(3))
-    assert (d.lo, d.hi) == (pytest.approx(1.0 - 4.302653 * 0.288675, abs=1e-5),
-                            pytest.approx(1.0 + 4.302653 * 0.288675, abs=1e-5))  # fmt: skip
+    assert (d.lo, d.hi) == (
+        pytest.approx(1.0 - 4.302653 * 0.288675, abs=1e-5),
+        pytest.approx(1.0 + 4.302653 * 0.288675, abs=1e-5),
+    )
     assert not d.excludes_zero
     tight = paired_difference({0: 2.0, 1: 2.1, 2: 2.2}, {0: 1.0, 1: 1.0, 2: 1.0})
     assert tight.excludes_zero and tight.lo > 0
@@ -153,9 +198,16 @@ def fake_record(error: float, erased: float = 0.0) -> dict:
     record = {"gutout/erased_frac": erased, "time/run_s": 60.0, "throughput/train_img_per_s": 1000.0}
     for split in ("val", "test"):
         e = f"{split}/ensemble"
-        record |= {f"{e}/acc": acc, f"{e}/nll": 0.3, f"{e}/ece": 0.01, f"{e}/nll_ts": 0.29, f"{e}/ece_ts": 0.005,
-                   f"{e}/occlusion/random_acc": acc - 0.1, f"{e}/occlusion/salient_acc": acc - 0.3,
-                   f"{e}/occlusion/salient_box_acc": acc - 0.2}  # fmt: skip
+        record |= {
+            f"{e}/acc": acc,
+            f"{e}/nll": 0.3,
+            f"{e}/ece": 0.01,
+            f"{e}/nll_ts": 0.29,
+            f"{e}/ece_ts": 0.005,
+            f"{e}/occlusion/random_acc": acc - 0.1,
+            f"{e}/occlusion/salient_acc": acc - 0.3,
+            f"{e}/occlusion/salient_box_acc": acc - 0.2,
+        }
     return record
 
 
@@ -203,8 +255,18 @@ def test_temperature_scaling_never_raises_the_nll_it_was_fitted_on():
 def trained(data, tmp_path_factory):
     """A two-member ensemble trained on the synthetic blobs, each class a bright bar at its own place."""
     out = tmp_path_factory.mktemp("runs")
-    cfg = TrainConfig(data=str(data), out=str(out), epochs=3, batch_size=32, eval_batch_size=256, wandb="disabled",
-                      num_threads=0, ensemble=2, policy="none", sample_grid=0)  # fmt: skip
+    cfg = TrainConfig(
+        data=str(data),
+        out=str(out),
+        epochs=3,
+        batch_size=32,
+        eval_batch_size=256,
+        wandb="disabled",
+        num_threads=0,
+        ensemble=2,
+        policy="none",
+        sample_grid=0,
+    )
     trainer = Trainer(cfg, log=lambda *a: None)
     final = trainer.run()
     return trainer, final
@@ -222,8 +284,10 @@ def test_occlusion_of_nothing_is_plain_accuracy(trained):
 def test_salient_occlusion_costs_more_accuracy_as_the_area_grows(trained):
     trainer, final = trained
     assert final["test/ensemble/acc"] > 0.7  # the blobs are learnt (chance: 0.1), so erasing them must hurt
-    results = [trainer.evaluator.occlusion(trainer.test_set, OcclusionConfig(area=a, side=math.sqrt(a)))
-               for a in (0.0, 0.2, 0.5)]  # fmt: skip
+    results = [
+        trainer.evaluator.occlusion(trainer.test_set, OcclusionConfig(area=a, side=math.sqrt(a)))
+        for a in (0.0, 0.2, 0.5)
+    ]
     salient = [r["ensemble/occlusion/salient_acc"] for r in results]
     assert salient[0] > salient[1] + 0.1 > salient[2] + 0.2, salient
     # Erasing where the maps point costs more than erasing a random square of about the same area.

@@ -9,14 +9,26 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_gpu_check_dry_run(tmp_path):
     env = dict(os.environ, OUT=str(tmp_path))
-    result = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), "--dry-run"], env=env,
-                            capture_output=True, text=True, timeout=900)  # fmt: skip
+    result = subprocess.run(
+        ["bash", str(REPO / "bench" / "gpu_check.sh"), "--dry-run"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "gpu_check: passed" in result.stdout
     produced = sorted(p.name for p in tmp_path.iterdir())
     assert len(produced) <= 8, produced  # the device tool brings back at most 8 files
-    for name in ("env.txt", "tests.txt", "benches.txt", "train.txt", "compare.txt", "compare-results.md",
-                 "compare-results.png"):  # fmt: skip
+    for name in (
+        "env.txt",
+        "tests.txt",
+        "benches.txt",
+        "train.txt",
+        "compare.txt",
+        "compare-results.md",
+        "compare-results.png",
+    ):
         assert name in produced, produced
     assert "| gutout |" in (tmp_path / "benches.txt").read_text()
     tests = (tmp_path / "tests.txt").read_text()

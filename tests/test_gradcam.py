@@ -98,8 +98,12 @@ def test_equals_pytorch_grad_cam(name):
 
 
 def test_closed_form_used_where_head_is_gap_linear_and_not_elsewhere():
-    for name, path in [("resnet18", "closed-form"), ("small_resnet", "closed-form"),
-                       ("densenet121", "gradient"), ("mobilenet_v3_small", "gradient")]:  # fmt: skip
+    for name, path in [
+        ("resnet18", "closed-form"),
+        ("small_resnet", "closed-form"),
+        ("densenet121", "gradient"),
+        ("mobilenet_v3_small", "gradient"),
+    ]:
         model, layer, _, x = build(name)
         cam = GradCAM(model, layer)
         cam(x, torch.tensor([1, 2, 3]))

@@ -22,8 +22,9 @@ def harvest(trainer: Trainer, member, batch) -> None:
 
 def test_harvest_on_whole_images_equals_the_pass(tmp_path):
     data = fake_fashion_mnist(tmp_path / "data", n_train=96, n_test=16)
-    cfg = TrainConfig(data=str(data), out=str(tmp_path), ensemble=2, refresh="harvest", wandb="disabled",
-                      num_threads=0, batch_size=32)  # fmt: skip
+    cfg = TrainConfig(
+        data=str(data), out=str(tmp_path), ensemble=2, refresh="harvest", wandb="disabled", num_threads=0, batch_size=32
+    )
     trainer = Trainer(cfg, log=lambda *a: None)
     whole = dataclasses.replace(trainer.loader_config, batch_size=32)
     for member in trainer.members:

@@ -7,6 +7,7 @@ import torch
 from gutout import GutoutStage, SaliencyCache, StageConfig, cpu_kernel
 from gutout.normalise import normalise_uint8
 from gutout.pipelines import GutoutLoader
+from gutout.pipelines.batch import HostNormalisingSource
 from gutout.pipelines.host_finish import OutputPool
 from tests.conftest import KERNEL_CASES, random_windows
 
@@ -114,7 +115,7 @@ def test_fused_cut_gives_the_batches_of_normalising_then_cutting(photo_folder, k
     the torch kernel, which cannot fuse, the same batches too)."""
     cache = maps_cache(12)
     loader = loader_for(photo_folder, cache, p=0.7, kernel=kernel)
-    assert loader.source.fuses_cut
+    assert isinstance(loader.source, HostNormalisingSource)
     options = dict(policy="threshold", threshold=0.4, p=0.7, peers="self", kernel=kernel)
     stage = GutoutStage(StageConfig.from_flat(options), cache)
     for epoch in range(2):

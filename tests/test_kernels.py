@@ -95,8 +95,11 @@ def test_cuda_source_on_the_host_matches_torch_reference(host_kernel, case, dtyp
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("case", [dict(policy="threshold", threshold=0.5), dict(policy="threshold", threshold=0.0),
-                                  dict(policy="area", area=0.4)], ids=CASE_IDS)  # fmt: skip
+@pytest.mark.parametrize(
+    "case",
+    [dict(policy="threshold", threshold=0.5), dict(policy="threshold", threshold=0.0), dict(policy="area", area=0.4)],
+    ids=CASE_IDS,
+)
 def test_cuda_source_on_the_host_decides_exact_ties_as_the_reference(host_kernel, case, dtype):
     # Full windows at the map's own resolution warp exactly (weights 0 and 1), and the maps hold exact quarters,
     # so many pixels sit exactly on the threshold: `>` against `>=` must agree to the pixel, with no tie allowance.
@@ -136,7 +139,11 @@ def test_cuda_source_compiles_with_nvcc(tmp_path):
     )
     (tmp_path / "kernel.cu").write_text(SOURCE + instantiate)
     # The flags CuPy compiles with (gutout.kernels._kernel), for the GPUs the project runs on (H100/H200: sm_90).
-    result = subprocess.run([nvcc, "-std=c++17", "-fmad=false", "-arch=sm_90", "-c", "kernel.cu", "-o", "kernel.o"],
-                            cwd=tmp_path, capture_output=True, text=True)  # fmt: skip
+    result = subprocess.run(
+        [nvcc, "-std=c++17", "-fmad=false", "-arch=sm_90", "-c", "kernel.cu", "-o", "kernel.o"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "kernel.o").stat().st_size > 0

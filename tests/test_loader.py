@@ -80,10 +80,11 @@ def test_every_sample_once_per_epoch_reproducible_and_sharded(backend):
         orders.append(indices.tolist())
     assert orders[0] == orders[2] and orders[0] != orders[1]
     shards = [
-        torch.cat([b.indices for b in make_source(dataset, "val", identity_config(backend=backend, shard_id=s,
-                                                                                   num_shards=3))])
+        torch.cat(
+            [b.indices for b in make_source(dataset, "val", identity_config(backend=backend, shard_id=s, num_shards=3))]
+        )
         for s in range(3)
-    ]  # fmt: skip
+    ]
     assert sorted(torch.cat(shards).tolist()) == list(range(11))
     assert [len(s) for s in shards] == [3, 4, 4]
 
@@ -120,9 +121,19 @@ def filled_cache(N, K=1, salient_left=True):
 def test_loader_cuts_with_the_cache_and_yields_dataloader_pairs(backend):
     images = torch.full((8, 16, 16, 1), 200, dtype=torch.uint8)
     cache = filled_cache(8)
-    loader = GutoutLoader.from_arrays(images, torch.arange(8) % 2, cache=cache, batch_size=4, pad=0, flip=False,
-                                      policy="threshold", threshold=0.5, fill=-9.0, backend=backend,
-                                      num_threads=0)  # fmt: skip
+    loader = GutoutLoader.from_arrays(
+        images,
+        torch.arange(8) % 2,
+        cache=cache,
+        batch_size=4,
+        pad=0,
+        flip=False,
+        policy="threshold",
+        threshold=0.5,
+        fill=-9.0,
+        backend=backend,
+        num_threads=0,
+    )
     assert len(loader) == 2
     pairs = list(loader)
     assert len(pairs) == 2
@@ -154,8 +165,7 @@ def test_foreign_training_loop_runs_unchanged():
 
     model = small_resnet(3, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    loader = GutoutLoader.from_arrays(images, labels, cache=cache, batch_size=16, policy="threshold",
-                                      backend="tensor")  # fmt: skip
+    loader = GutoutLoader.from_arrays(images, labels, cache=cache, batch_size=16, policy="threshold", backend="tensor")
     for epoch in range(2):
         loader.set_epoch(epoch)
         assert train_one_epoch(model, loader, opt) == 64
@@ -167,8 +177,9 @@ def test_foreign_training_loop_runs_unchanged():
 def test_refresh_writes_canonical_gradcam_maps():
     images = (torch.rand(10, 28, 28, 1) * 255).to(torch.uint8)
     cache = SaliencyCache(2, 10, (7, 7))
-    loader = GutoutLoader.from_arrays(images, torch.arange(10) % 10, cache=cache, member=1, batch_size=4,
-                                      backend="tensor", policy="threshold")  # fmt: skip
+    loader = GutoutLoader.from_arrays(
+        images, torch.arange(10) % 10, cache=cache, member=1, batch_size=4, backend="tensor", policy="threshold"
+    )
     model = small_resnet(10, 1).eval()
     loader.refresh(model)
     from gutout import GradCAM
@@ -214,8 +225,7 @@ def test_refresh_through_a_head_that_needs_gradients():
     images = (torch.rand(6, 8, 8, 1) * 255).to(torch.uint8)
     labels = torch.tensor([0, 1, 2, 0, 1, 2])
     cache = SaliencyCache(1, 6, (8, 8))
-    loader = GutoutLoader.from_arrays(images, labels, cache=cache, batch_size=3, backend="tensor",
-                                      policy="threshold")  # fmt: skip
+    loader = GutoutLoader.from_arrays(images, labels, cache=cache, batch_size=3, backend="tensor", policy="threshold")
     model = Net()
     loader.refresh(model, "body")
     from gutout import GradCAM

@@ -33,15 +33,31 @@ def data(tmp_path_factory):
 
 
 def train_args(data, out, *extra):
-    return ["train", "fashion-mnist", "--data", str(data), "--out", str(out), "--batch-size", "32",
-            "--eval-batch-size", "64", "--num-threads", "0", "--no-progress", "--wandb", "disabled",
-            *extra]  # fmt: skip
+    return [
+        "train",
+        "fashion-mnist",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--batch-size",
+        "32",
+        "--eval-batch-size",
+        "64",
+        "--num-threads",
+        "0",
+        "--no-progress",
+        "--wandb",
+        "disabled",
+        *extra,
+    ]
 
 
 def gutout(*args, timeout=300, **kwargs):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "gutout", *args], capture_output=True, text=True, timeout=timeout,
-                          env=env, **kwargs)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "gutout", *args], capture_output=True, text=True, timeout=timeout, env=env, **kwargs
+    )
 
 
 def one_line_error(result) -> str:
@@ -67,8 +83,9 @@ def wait_for(path: Path, proc: subprocess.Popen, seconds: float = 300) -> None:
 def test_a_second_run_into_a_busy_directory_is_refused_and_nothing_is_lost(data, tmp_path):
     first = train_args(data, tmp_path, "--name", "same", "--epochs", "50", "--subset", "256")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    a = subprocess.Popen([sys.executable, "-m", "gutout", *first], env=env, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL)  # fmt: skip
+    a = subprocess.Popen(
+        [sys.executable, "-m", "gutout", *first], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     run = tmp_path / "same"
     try:
         wait_for(run / "config.yaml", a)  # the run has started; no checkpoint exists yet
@@ -105,8 +122,17 @@ def test_the_lock_is_released_after_a_run_and_refused_while_held(data, tmp_path)
         result = gutout(*train_args(data, tmp_path, "--name", "r", "--epochs", "1"))
         assert f"{run} is in use by another run (process {os.getpid()})" in one_line_error(result)
         assert not (run / "config.yaml").exists()  # refused before writing anything
-    cfg = TrainConfig(data=str(data), out=str(tmp_path), name="r", epochs=1, batch_size=32, wandb="disabled",
-                      num_threads=0, subset=64, sample_grid=0)  # fmt: skip
+    cfg = TrainConfig(
+        data=str(data),
+        out=str(tmp_path),
+        name="r",
+        epochs=1,
+        batch_size=32,
+        wandb="disabled",
+        num_threads=0,
+        subset=64,
+        sample_grid=0,
+    )
     Trainer(cfg, log=lambda *a: None).run()  # a finished run lets go of its directory
     RunDirectoryLock(run).acquire().release()
 
@@ -232,9 +258,31 @@ def test_a_corrupt_image_stops_training_with_one_line_naming_it(tmp_path, backen
         pytest.importorskip("nvidia.dali")
     root = image_tree(tmp_path / "tree")
     (root / "train" / "b" / "2.jpg").write_bytes(b"\xff\xd8 garbage, not a jpeg")
-    args = ["train", "folder", "--data", str(root), "--out", str(tmp_path / "runs"), "--epochs", "1", "--image-size",
-            "32", "--batch-size", "4", "--no-progress", "--wandb", "disabled", "--num-threads", "1", "--backend",
-            backend, "--name", "x", "--model", "small-resnet"]  # fmt: skip
+    args = [
+        "train",
+        "folder",
+        "--data",
+        str(root),
+        "--out",
+        str(tmp_path / "runs"),
+        "--epochs",
+        "1",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "4",
+        "--no-progress",
+        "--wandb",
+        "disabled",
+        "--num-threads",
+        "1",
+        "--backend",
+        backend,
+        "--name",
+        "x",
+        "--model",
+        "small-resnet",
+    ]
     message = one_line_error(gutout(*args))
     assert str(root / "train" / "b" / "2.jpg") in message and "--skip-corrupt" in message, message
     assert "skip_corrupt=True" not in message
@@ -302,8 +350,13 @@ def test_refresh_with_a_head_too_small_for_the_classes_is_named():
 
 def test_ctrl_c_exits_130_and_says_where_the_last_checkpoint_is(data, tmp_path):
     args = train_args(data, tmp_path, "--epochs", "50", "--subset", "256", "--name", "i")
-    proc = subprocess.Popen([sys.executable, "-m", "gutout", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gutout", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     wait_for(tmp_path / "i" / "checkpoint.pt", proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
@@ -317,12 +370,45 @@ def test_ctrl_c_exits_130_and_says_where_the_last_checkpoint_is(data, tmp_path):
 def test_more_epochs_need_a_new_run_initialised_from_the_old_one(data, tmp_path):
     args = train_args(data, tmp_path, "--epochs", "1", "--subset", "64", "--ensemble", "2", "--policy", "none")
     assert gutout(*args, "--name", "short").returncode == 0
-    longer = one_line_error(gutout(*train_args(data, tmp_path, "--epochs", "3", "--subset", "64", "--ensemble", "2",
-                                               "--policy", "none", "--name", "short", "--resume")))  # fmt: skip
+    longer = one_line_error(
+        gutout(
+            *train_args(
+                data,
+                tmp_path,
+                "--epochs",
+                "3",
+                "--subset",
+                "64",
+                "--ensemble",
+                "2",
+                "--policy",
+                "none",
+                "--name",
+                "short",
+                "--resume",
+            )
+        )
+    )
     assert "epochs: checkpoint has 1, this run has 3" in longer
     assert f"--init-from {tmp_path / 'short'} --name <another name>" in longer
-    extended = gutout(*train_args(data, tmp_path, "--epochs", "3", "--subset", "64", "--ensemble", "2", "--policy",
-                                  "none", "--name", "long", "--init-from", str(tmp_path / "short")))  # fmt: skip
+    extended = gutout(
+        *train_args(
+            data,
+            tmp_path,
+            "--epochs",
+            "3",
+            "--subset",
+            "64",
+            "--ensemble",
+            "2",
+            "--policy",
+            "none",
+            "--name",
+            "long",
+            "--init-from",
+            str(tmp_path / "short"),
+        )
+    )
     assert extended.returncode == 0 and f"initialised from {tmp_path / 'short'} (its epoch 0)" in extended.stdout
     cfg = TrainConfig(data=str(data), out=str(tmp_path), ensemble=2, subset=64, wandb="disabled", num_threads=0)
     trainer = Trainer(cfg, log=lambda *a: None)
@@ -330,8 +416,9 @@ def test_more_epochs_need_a_new_run_initialised_from_the_old_one(data, tmp_path)
     for m in range(2):
         saved = torch.load(tmp_path / "short" / f"member-{m}.epoch-0.pt", weights_only=False)["model"]
         assert all(torch.equal(v, trainer.members[m].net.state_dict()[k]) for k, v in saved.items())
-    bigger = Trainer(TrainConfig(data=str(data), out=str(tmp_path), ensemble=3, subset=64, wandb="disabled"),
-                     log=lambda *a: None)  # fmt: skip
+    bigger = Trainer(
+        TrainConfig(data=str(data), out=str(tmp_path), ensemble=3, subset=64, wandb="disabled"), log=lambda *a: None
+    )
     with pytest.raises(ValueError, match="no weights for member 2"):
         bigger.init_from(tmp_path / "short")
     with pytest.raises(ValueError, match="no checkpoint.pt there"):

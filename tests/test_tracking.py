@@ -39,8 +39,16 @@ def clean_mode(monkeypatch):
 
 
 def train(data, tmp_path, mode):
-    cfg = TrainConfig(data=str(data), out=str(tmp_path), epochs=2, batch_size=32, wandb=mode, num_threads=0,
-                      sample_grid=2, eval_batch_size=64)  # fmt: skip
+    cfg = TrainConfig(
+        data=str(data),
+        out=str(tmp_path),
+        epochs=2,
+        batch_size=32,
+        wandb=mode,
+        num_threads=0,
+        sample_grid=2,
+        eval_batch_size=64,
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         Trainer(cfg, log=lambda *a: None).run()

@@ -19,10 +19,21 @@ from gutout.train.trainer import NonFiniteLoss, Trainer, git_revision
 from tests.conftest import fake_fashion_mnist
 
 EPOCH_KEYS = [
-    "epoch", "test/member/0/acc", "test/member/0/nll", "test/member/1/acc", "test/ensemble/acc",
-    "test/ensemble/disagreement", "test/ensemble/nll", "test/ensemble/ece", "throughput/train_img_per_s",
-    "throughput/loader_wait_frac", "time/refresh_s", "gutout/erased_frac", "time/epoch_s", "time/run_s",
-]  # fmt: skip
+    "epoch",
+    "test/member/0/acc",
+    "test/member/0/nll",
+    "test/member/1/acc",
+    "test/ensemble/acc",
+    "test/ensemble/disagreement",
+    "test/ensemble/nll",
+    "test/ensemble/ece",
+    "throughput/train_img_per_s",
+    "throughput/loader_wait_frac",
+    "time/refresh_s",
+    "gutout/erased_frac",
+    "time/epoch_s",
+    "time/run_s",
+]
 TIMING = ("throughput/", "time/")
 
 
@@ -32,8 +43,22 @@ def data(tmp_path_factory):
 
 
 def base_args(data, out, *extra):
-    return ["train", "fashion-mnist", "--data", str(data), "--out", str(out), "--batch-size", "32",
-            "--eval-batch-size", "256", "--num-threads", "0", "--no-progress", *extra]  # fmt: skip
+    return [
+        "train",
+        "fashion-mnist",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--batch-size",
+        "32",
+        "--eval-batch-size",
+        "256",
+        "--num-threads",
+        "0",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def read_metrics(run_dir):
@@ -45,8 +70,12 @@ def without_timing(record):
 
 
 def test_tiny_ensemble_run_end_to_end(data, tmp_path):
-    result = CliRunner().invoke(main, base_args(data, tmp_path, "--ensemble", "2", "--epochs", "3", "--name", "e2e",
-                                                "--wandb", "offline", "--p", "0.5"))  # fmt: skip
+    result = CliRunner().invoke(
+        main,
+        base_args(
+            data, tmp_path, "--ensemble", "2", "--epochs", "3", "--name", "e2e", "--wandb", "offline", "--p", "0.5"
+        ),
+    )
     assert result.exit_code == 0, result.output
     run = tmp_path / "e2e"
     records = read_metrics(run)
@@ -96,8 +125,23 @@ def test_config_file_and_preset(tmp_path):
 
 
 def test_harvest_mode_reports_its_cost(data, tmp_path):
-    result = CliRunner().invoke(main, base_args(data, tmp_path, "--ensemble", "2", "--epochs", "2", "--refresh",
-                                                "harvest", "--wandb", "disabled", "--name", "h"))  # fmt: skip
+    result = CliRunner().invoke(
+        main,
+        base_args(
+            data,
+            tmp_path,
+            "--ensemble",
+            "2",
+            "--epochs",
+            "2",
+            "--refresh",
+            "harvest",
+            "--wandb",
+            "disabled",
+            "--name",
+            "h",
+        ),
+    )
     assert result.exit_code == 0, result.output
     records = read_metrics(tmp_path / "h")
     assert all("time/harvest_ms_per_step" in r for r in records)
@@ -111,8 +155,12 @@ def test_resume_refuses_another_runs_checkpoint(data, tmp_path):
         runner.invoke(main, base_args(data, tmp_path, "--epochs", "1", "--name", "r", "--wandb", "disabled")).exit_code
         == 0
     )
-    result = runner.invoke(main, base_args(data, tmp_path, "--epochs", "1", "--name", "r", "--wandb", "disabled",
-                                           "--policy", "area", "--resume"))  # fmt: skip
+    result = runner.invoke(
+        main,
+        base_args(
+            data, tmp_path, "--epochs", "1", "--name", "r", "--wandb", "disabled", "--policy", "area", "--resume"
+        ),
+    )
     assert result.exit_code != 0 and "policy: checkpoint has 'threshold', this run has 'area'" in result.output
     result = runner.invoke(main, base_args(data, tmp_path, "--epochs", "1", "--name", "r", "--wandb", "disabled"))
     assert result.exit_code != 0 and "--resume" in result.output
@@ -121,8 +169,23 @@ def test_resume_refuses_another_runs_checkpoint(data, tmp_path):
 
 def test_default_named_run_resumes_shows_and_checks_its_samples(tmp_path):
     data = fake_fashion_mnist(tmp_path / "data", n_train=256, n_test=64)
-    args = ["train", "fashion-mnist", "--data", str(data), "--out", str(tmp_path), "--batch-size", "32",
-            "--num-threads", "0", "--no-progress", "--wandb", "disabled", "--epochs", "1"]  # fmt: skip
+    args = [
+        "train",
+        "fashion-mnist",
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path),
+        "--batch-size",
+        "32",
+        "--num-threads",
+        "0",
+        "--no-progress",
+        "--wandb",
+        "disabled",
+        "--epochs",
+        "1",
+    ]
     runner = CliRunner()
     assert runner.invoke(main, args).exit_code == 0
     run = tmp_path / "fashion-mnist-k1-threshold-s0"
@@ -140,8 +203,18 @@ def test_default_named_run_resumes_shows_and_checks_its_samples(tmp_path):
 def test_harvest_targets_the_prediction_with_target_pred(data, tmp_path):
     from gutout import cam_from_activations, warp_to_canonical
 
-    cfg = TrainConfig(data=str(data), out=str(tmp_path), epochs=1, batch_size=32, wandb="disabled", num_threads=0,
-                      ensemble=2, refresh="harvest", target="pred", subset=64)  # fmt: skip
+    cfg = TrainConfig(
+        data=str(data),
+        out=str(tmp_path),
+        epochs=1,
+        batch_size=32,
+        wandb="disabled",
+        num_threads=0,
+        ensemble=2,
+        refresh="harvest",
+        target="pred",
+        subset=64,
+    )
     trainer = Trainer(cfg, log=lambda *a: None)
     member = trainer.members[0]
     batch = next(iter(member.loader.batches()))
@@ -163,9 +236,11 @@ def test_harvest_targets_the_prediction_with_target_pred(data, tmp_path):
 def test_default_multistep_milestones_on_short_runs():
     from types import SimpleNamespace
 
+    from gutout.train.members import lr_schedule
+
     def factors(epochs):
         cfg = SimpleNamespace(milestones=(), epochs=epochs, schedule="multistep", lr_decay=0.2)
-        factor = Trainer._lr_lambda(SimpleNamespace(cfg=cfg), total_steps=epochs * 10, steps_per_epoch=10)
+        factor = lr_schedule(cfg, total_steps=epochs * 10, steps_per_epoch=10)
         return [round(factor(10 * e + 9), 6) for e in range(epochs)]  # each epoch's last step, after warm-up
 
     assert factors(1) == [1.0]  # never decays at epoch 0
@@ -177,7 +252,7 @@ def test_default_multistep_milestones_on_short_runs():
 def test_folder_splits_must_hold_the_same_classes(tmp_path):
     from PIL import Image
 
-    from gutout.train.trainer import load_datasets
+    from gutout.train.data import load_splits as load_datasets
 
     for split, classes in (("train", ("cat", "dog")), ("val", ("cat",))):
         for cls in classes:
@@ -189,8 +264,9 @@ def test_folder_splits_must_hold_the_same_classes(tmp_path):
 
 
 def test_non_finite_loss_names_member_epoch_and_step(data, tmp_path):
-    cfg = TrainConfig(data=str(data), out=str(tmp_path), epochs=1, batch_size=32, wandb="disabled", num_threads=0,
-                      ensemble=2)  # fmt: skip
+    cfg = TrainConfig(
+        data=str(data), out=str(tmp_path), epochs=1, batch_size=32, wandb="disabled", num_threads=0, ensemble=2
+    )
     trainer = Trainer(cfg, log=lambda *a: None)
     with torch.no_grad():
         trainer.members[1].model.fc.weight.fill_(float("nan"))
@@ -223,9 +299,27 @@ def test_sigkill_and_resume_gives_the_same_metrics(data, tmp_path):
 
 
 def test_compare_runs_each_configuration_once_and_writes_results(data, tmp_path):
-    args = ["compare", "fashion-mnist", "--data", str(data), "--runs", "none,cutout,gutout-area", "--seeds", "2",
-            "--epochs", "2", "--subset", "128", "--val-split", "128", "--batch-size", "32", "--out", str(tmp_path),
-            "--no-progress"]  # fmt: skip
+    args = [
+        "compare",
+        "fashion-mnist",
+        "--data",
+        str(data),
+        "--runs",
+        "none,cutout,gutout-area",
+        "--seeds",
+        "2",
+        "--epochs",
+        "2",
+        "--subset",
+        "128",
+        "--val-split",
+        "128",
+        "--batch-size",
+        "32",
+        "--out",
+        str(tmp_path),
+        "--no-progress",
+    ]
     first = CliRunner().invoke(main, args)
     assert first.exit_code == 0, first.output
     text = (tmp_path / "results.md").read_text()
@@ -244,9 +338,30 @@ def test_compare_runs_each_configuration_once_and_writes_results(data, tmp_path)
     assert nothing.exit_code != 0 and "no run finished" in nothing.output
     config = tmp_path / "compare.yaml"
     config.write_text("epochs: 1\nensemble: 2\n")  # a config file sets what compare's own defaults would
-    from_file = CliRunner().invoke(main, ["compare", "fashion-mnist", "--data", str(data), "--runs", "none", "--seeds",
-                                          "1", "--subset", "128", "--batch-size", "32", "--out", str(tmp_path / "f"),
-                                          "--config", str(config), "--no-progress", "--val-split", "64"])  # fmt: skip
+    from_file = CliRunner().invoke(
+        main,
+        [
+            "compare",
+            "fashion-mnist",
+            "--data",
+            str(data),
+            "--runs",
+            "none",
+            "--seeds",
+            "1",
+            "--subset",
+            "128",
+            "--batch-size",
+            "32",
+            "--out",
+            str(tmp_path / "f"),
+            "--config",
+            str(config),
+            "--no-progress",
+            "--val-split",
+            "64",
+        ],
+    )
     assert from_file.exit_code == 0, from_file.output
     assert [r["epoch"] for r in read_metrics(tmp_path / "f" / "fashion-mnist-none-k2-s0")] == [0]
     other = CliRunner().invoke(main, [*args, "--p", "0.9"])  # same run names, another configuration
@@ -261,8 +376,15 @@ def test_gutout_area_matches_cutouts_measured_erased_area():
     side = CUTOUT_SIZE["fashion-mnist"]
     area = run_overrides("gutout-area", "fashion-mnist")["area"]
     assert area == cutout_erased_fraction(side) == pytest.approx(0.4375**2)
-    plan = plan_cuts(None, None, torch.zeros(20000, 4), None, (28, 28), CutConfig(policy="cutout", size=side, p=1.0),
-                     torch.Generator().manual_seed(0))  # fmt: skip
+    plan = plan_cuts(
+        None,
+        None,
+        torch.zeros(20000, 4),
+        None,
+        (28, 28),
+        CutConfig(policy="cutout", size=side, p=1.0),
+        torch.Generator().manual_seed(0),
+    )
     box = plan.box.long()
     erased = ((box[:, 2] - box[:, 0]) * (box[:, 3] - box[:, 1])).float().mean() / 28**2
     assert float(erased) == pytest.approx(area, rel=0.02)

@@ -8,10 +8,24 @@ from pathlib import Path
 
 import click
 
+from gutout.cache import PEER_RULES
 from gutout.config import ConfigError
-from gutout.pipelines.datasets import CorruptImage
+from gutout.gradcam import TARGETS
+from gutout.pipelines.datasets import DATASETS, CorruptImage
+from gutout.plan import BOX_CENTERS, COLD_STARTS, KERNELS, POLICIES
 
-from .config import DATASETS, POLICIES, make_config, read_config_file, read_run_config
+from .config import (
+    BACKENDS,
+    DEVICES,
+    PRESETS,
+    REFRESH_MODES,
+    SCHEDULES,
+    WANDB_MODES,
+    TrainConfig,
+    make_config,
+    read_config_file,
+    read_run_config,
+)
 from .models import MODELS
 
 
@@ -48,57 +62,97 @@ def _float_or_noise(value):
         raise click.BadParameter(f"{value!r} is neither a number nor 'noise'") from None
 
 
-@main.command(context_settings={"show_default": True})
-@click.argument("dataset", type=click.Choice(DATASETS))
+def _defaults() -> dict:
+    import dataclasses
+
+    return {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+
+
+def option(flag: str, help: str, *, default: str | None = None, **kwargs):
+    """A `gutout train` option setting the TrainConfig field of the same name (dashes as underscores); its help
+    ends with the field's default, read from TrainConfig (or `default`, where the field's None means "derived")."""
+    field = flag.split("/")[0].lstrip("-").replace("-", "_")
+    value = default if default is not None else _defaults()[field]
+    if isinstance(value, tuple):
+        value = ",".join(map(str, value))
+    return click.option(flag, field, help=f"{help} (default {value}).", **kwargs)
+
+
+def _pair(ctx, param, value):
+    """'lo,hi' -> (lo, hi) floats."""
+    if value is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not two comma-separated numbers lo,hi") from None
+    return lo, hi
+
+
+@main.command()
+@click.argument("dataset", type=click.Choice(tuple(DATASETS)))
 @click.option("--data", type=click.Path(), help="Dataset folder (ImageFolder train/ val/, CIFAR pickles, idx files).")
-@click.option("--ensemble", type=int, help="Members K (default 1: self-Gutout; K > 1 cuts with peers' maps).")
-@click.option("--model", type=click.Choice(MODELS), help="Default: small-resnet (<= 32 px) or resnet18.")
-@click.option("--width", type=float, help="Channel multiplier of the CIFAR-style models (default 1).")
-@click.option("--epochs", type=int, help="Epochs (default 10).")
-@click.option("--batch-size", type=int, help="Batch size per member (default 128).")
-@click.option("--lr", type=float, help="Peak learning rate (default 0.1).")
-@click.option("--momentum", type=float, help="SGD Nesterov momentum (default 0.9).")
-@click.option("--weight-decay", type=float, help="Weight decay (default 5e-4).")
-@click.option("--schedule", type=click.Choice(["cosine", "multistep"]), help="LR schedule (default cosine).")
-@click.option("--milestones", help="Multistep epochs, comma-separated (default 50%,75% of --epochs).")
-@click.option("--label-smoothing", type=float, help="Label smoothing (default 0).")
-@click.option("--preset", type=click.Choice(["cutout-paper"]), help="The Cutout paper's hyperparameters.")
-@click.option("--policy", type=click.Choice(POLICIES), help="What to erase (default threshold).")
-@click.option("--threshold", type=float, help="threshold: erase where saliency > T (default 0.5).")
-@click.option("--area", type=float, help="area: erase the top P fraction of pixels (default 0.25).")
-@click.option("--size", type=float, help="box / cutout: side as a fraction of the crop side (default 0.5).")
-@click.option("--box-center", type=click.Choice(["peak", "sample"]), help="box: centre on the peak or sample it.")
-@click.option("--p", "p", type=float, help="Probability that a sample is cut (default 0.5).")
-@click.option("--fill", callback=lambda ctx, param, v: _float_or_noise(v), help="Fill value after normalisation, "
-              "or 'noise' (default 0 = the dataset mean).")  # fmt: skip
-@click.option("--cold-start", type=click.Choice(["cutout", "none"]), help="Samples without maps (default cutout).")
-@click.option("--peers", type=click.Choice(["others", "self", "max"]), help="Whose maps cut a member's images.")
-@click.option("--refresh", type=click.Choice(["pass", "harvest"]), help="How maps are refreshed (default pass).")
-@click.option("--refresh-every", type=int, help="Refresh every N epochs (default 1).")
-@click.option("--warmup-epochs", type=int, help="Epochs with the cold-start rule before the first refresh (1).")
-@click.option("--target", type=click.Choice(["label", "pred"]), help="Grad-CAM target class (default label).")
-@click.option("--backend", type=click.Choice(["auto", "dali", "tensor", "torch"]), help="Data pipeline (auto).")
-@click.option("--skip-corrupt", is_flag=True, default=None, help="Leave out image files that fail to decode.")
-@click.option("--subset", type=int, help="Train on a fixed seeded subset of N samples.")
-@click.option("--val-split", type=int, help="Hold out N training samples for per-epoch metrics; test read once (0).")
-@click.option("--image-size", type=int, help="Input side in px (default: the dataset's, or 224).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Device (default auto).")
-@click.option("--amp/--no-amp", default=None, help="Mixed precision + channels-last on CUDA (default on).")
-@click.option("--num-threads", type=int, help="DALI threads / DataLoader workers (default 2).")
-@click.option("--eval-batch-size", type=int, help="Batch size for evaluation and refresh (default 1024).")
-@click.option("--seed", type=int, help="Seed (default 0).")
-@click.option("--wandb", type=click.Choice(["offline", "online", "disabled"]), help="W&B mode (default offline).")
-@click.option("--out", type=click.Path(), help="Folder of run directories (default runs).")
-@click.option("--name", help="Run name (default <dataset>-k<K>-<policy>-s<seed>).")
-@click.option("--resume", is_flag=True, default=None, help="Continue from the run directory's last checkpoint.")
-@click.option("--init-from", type=click.Path(), help="Start from another run's last weights (a new run and schedule).")
-@click.option("--progress/--no-progress", default=None, help="Progress bars (default: when on a terminal).")
+@option("--ensemble", "Members K (1: self-Gutout; K > 1 cuts each member with its peers' maps)", type=int)
+@option("--model", "Network", type=click.Choice(MODELS), default="the dataset's: small-resnet, resnet18 for folders")
+@option("--width", "Channel multiplier of the CIFAR-style models", type=float)
+@option("--epochs", "Epochs", type=int)
+@option("--batch-size", "Batch size per member", type=int)
+@option("--lr", "Peak learning rate", type=float)
+@option("--momentum", "SGD Nesterov momentum", type=float)
+@option("--weight-decay", "Weight decay (not on BatchNorm and biases)", type=float)
+@option("--schedule", "Learning-rate schedule", type=click.Choice(SCHEDULES))
+@option("--milestones", "Multistep epochs, comma-separated", default="50%,75% of --epochs")
+@option("--lr-decay", "Multistep factor at each milestone", type=float)
+@option("--label-smoothing", "Label smoothing", type=float)
+@option("--preset", "The Cutout paper's hyperparameters", type=click.Choice(tuple(PRESETS)), default="none")
+@option("--policy", "What to erase", type=click.Choice(POLICIES))
+@option("--threshold", "threshold: erase where the warped saliency > T", type=float)
+@option("--area", "area: erase the top fraction of pixels by saliency", type=float)
+@option("--size", "box / cutout: the square's side as a fraction of the crop side", type=float)
+@option("--box-center", "box: centre on the saliency peak, or sample it", type=click.Choice(BOX_CENTERS))
+@option("--gamma", "box sample: centres drawn with probability ∝ saliency^gamma", type=float)
+@option("--erase-scale", "erasing: area range lo,hi of RandomErasing's rectangle", callback=_pair)
+@option("--erase-ratio", "erasing: aspect-ratio range lo,hi", callback=_pair)
+@option("--p", "Probability that a sample is cut", type=float)
+@option(
+    "--fill",
+    "Fill value after normalisation (0 = the dataset mean), or 'noise'",
+    callback=lambda ctx, param, v: _float_or_noise(v),
+)
+@option("--cold-start", "Samples without a map: Cutout of the same area, or none", type=click.Choice(COLD_STARTS))
+@option("--kernel", "Cut implementation: auto = the device's fused kernel where it runs", type=click.Choice(KERNELS))
+@option("--peers", "Whose maps cut a member's images", type=click.Choice(PEER_RULES), default="self (K = 1), others")
+@option("--refresh", "How maps are refreshed", type=click.Choice(REFRESH_MODES))
+@option("--refresh-every", "Refresh every N epochs", type=int)
+@option("--warmup-epochs", "Epochs with the cold-start rule before the first refresh", type=int)
+@option("--target", "Grad-CAM target class", type=click.Choice(TARGETS))
+@option("--backend", "Data pipeline", type=click.Choice(BACKENDS))
+@option("--skip-corrupt", "Leave out image files that fail to decode", is_flag=True, default="off")
+@option("--subset", "Train on a fixed seeded subset of N samples", type=int, default="all")
+@option("--val-split", "Hold out N training samples for the per-epoch metrics; the test set is read once", type=int)
+@option("--image-size", "Input side in px", type=int, default="the dataset's")
+@option("--device", "Device", type=click.Choice(DEVICES))
+@option("--amp/--no-amp", "Mixed precision and channels-last, on CUDA only", default="on")
+@option("--num-threads", "DALI threads / DataLoader workers", type=int)
+@option("--eval-batch-size", "Batch size of evaluation and refresh", type=int)
+@option("--seed", "Seed", type=int)
+@option("--wandb", "W&B mode", type=click.Choice(WANDB_MODES))
+@option("--wandb-project", "W&B project")
+@option("--out", "Folder of run directories", type=click.Path())
+@option("--name", "Run name", default="<dataset>-k<K>-<policy>-s<seed>")
+@option("--resume", "Continue from the run directory's last checkpoint", is_flag=True, default="off")
+@option(
+    "--init-from", "Start from another run's last weights (a new run and schedule)", type=click.Path(), default="none"
+)
+@option("--sample-grid", "Images in the per-epoch sample grid (0: none)", type=int)
+@option("--progress/--no-progress", "Progress bars", default="on a terminal")
 @click.option("--config", "config_file", type=click.Path(), help="YAML/TOML file of options (CLI options win).")
 @click.option("--nproc", type=int, default=1, help="Local processes, launched by torch's elastic launcher (torchrun).")
 @click.option("--max-restarts", type=int, default=0, help="With --nproc: restarts after a failed process.")
 def train(dataset, config_file, milestones, nproc, max_restarts, **options):
     """Train a Gutout ensemble on DATASET (fashion-mnist, cifar10, cifar100, imagenet, folder)."""
-    from .trainer import Trainer, summary_table, tqdm_progress
+    from .report import summary_table, tqdm_progress
+    from .trainer import Trainer
 
     if milestones is not None:
         try:
@@ -113,9 +167,11 @@ def train(dataset, config_file, milestones, nproc, max_restarts, **options):
             return launch(cfg, nproc, max_restarts)
         trainer = Trainer(cfg, log=click.echo)
         held_out = f" / {len(trainer.val_set)} val" if trainer.val_set is not None else ""
-        trainer.log(f"run {cfg.run_dir}: {cfg.ensemble} x {cfg.model_name} on {cfg.dataset} ({len(trainer.train_set)} "
-                   f"train{held_out} / {len(trainer.test_set)} test), {trainer.backend} backend on {trainer.device}, "
-                   f"policy {cfg.policy}, peers {cfg.peer_rule}, refresh {cfg.refresh}")  # fmt: skip
+        trainer.log(
+            f"run {cfg.run_dir}: {cfg.ensemble} x {cfg.model_name} on {cfg.dataset} ({len(trainer.train_set)} "
+            f"train{held_out} / {len(trainer.test_set)} test), {trainer.backend} backend on {trainer.device}, "
+            f"policy {cfg.policy}, peers {cfg.peer_rule}, refresh {cfg.refresh}"
+        )
         final = trainer.run(progress=tqdm_progress(cfg.progress))
         trainer.runtime.close()
     except CorruptImage as err:
@@ -127,8 +183,10 @@ def train(dataset, config_file, milestones, nproc, max_restarts, **options):
     if not trainer.runtime.is_main:
         return
     click.echo("\n" + summary_table(final, cfg.ensemble))
-    click.echo(f"\nrun directory: {cfg.run_dir} (metrics.jsonl, samples.png, curves.png, checkpoint.pt"
-               f"{', wandb/' if cfg.wandb != 'disabled' else ''})")  # fmt: skip
+    click.echo(
+        f"\nrun directory: {cfg.run_dir} (metrics.jsonl, samples.png, curves.png, checkpoint.pt"
+        f"{', wandb/' if cfg.wandb != 'disabled' else ''})"
+    )
 
 
 def launch(cfg, nproc: int, max_restarts: int) -> None:
@@ -145,8 +203,21 @@ def launch(cfg, nproc: int, max_restarts: int) -> None:
         yaml.safe_dump(values, f)
     click.echo(f"launching {nproc} processes (torch.distributed.run, max restarts {max_restarts})")
     try:
-        torchrun(["--standalone", "--nproc-per-node", str(nproc), "--max-restarts", str(max_restarts),
-                  "-m", "gutout.train.cli", "train", cfg.dataset, "--config", f.name])  # fmt: skip
+        torchrun(
+            [
+                "--standalone",
+                "--nproc-per-node",
+                str(nproc),
+                "--max-restarts",
+                str(max_restarts),
+                "-m",
+                "gutout.train.cli",
+                "train",
+                cfg.dataset,
+                "--config",
+                f.name,
+            ]
+        )
     except Exception as err:  # noqa: BLE001 - the launcher's ChildFailedError, with the failing rank's report
         _fail(f"distributed run failed: {err}")
     finally:
@@ -175,8 +246,12 @@ COMPARE_VAL_SPLIT = {"fashion-mnist": 5000}
 @click.option("--width", type=float, help="Channel multiplier of the CIFAR-style models (default 1).")
 @click.option("--batch-size", type=int)
 @click.option("--eval-batch-size", type=int)
-@click.option("--p", "p", type=float, help="Cut probability of every cutting arm (default: Cutout 1, Random Erasing "
-              "0.5, Gutout train's 0.5).")  # fmt: skip
+@click.option(
+    "--p",
+    "p",
+    type=float,
+    help="Cut probability of every cutting arm (default: Cutout 1, Random Erasing 0.5, Gutout train's 0.5).",
+)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--backend", type=click.Choice(["auto", "dali", "tensor", "torch"]))
 @click.option(
@@ -193,7 +268,7 @@ COMPARE_VAL_SPLIT = {"fashion-mnist": 5000}
 def compare(dataset, runs, seeds, reference, split, config_file, time_budget, p, **options):
     """Train each arm with each seed (finished runs are not repeated); write results.md/.png with paired statistics."""
     from .compare import parse_seeds, run_all, run_overrides, summarise, write_results
-    from .trainer import tqdm_progress
+    from .report import tqdm_progress
 
     run_names = [r.strip() for r in runs.split(",") if r.strip()]
     try:
@@ -210,8 +285,15 @@ def compare(dataset, runs, seeds, reference, split, config_file, time_budget, p,
         split = split or ("val" if base.val_split else "test")
         if split == "val" and not base.val_split:
             raise ConfigError("--split val needs a validation split (--val-split N > 0)")
-        results = run_all(base, run_names, seed_list, log=click.echo, progress=tqdm_progress(base.progress),
-                          time_budget=time_budget, p=p)  # fmt: skip
+        results = run_all(
+            base,
+            run_names,
+            seed_list,
+            log=click.echo,
+            progress=tqdm_progress(base.progress),
+            time_budget=time_budget,
+            p=p,
+        )
     except CorruptImage as err:
         _fail(err.message("--skip-corrupt"))
     except _user_errors() as err:
@@ -231,13 +313,11 @@ def compare(dataset, runs, seeds, reference, split, config_file, time_budget, p,
 @main.command()
 @click.argument("run", type=click.Path(exists=True, file_okay=False))
 def show(run):
-    """Write the figures of a finished or running RUN directory (samples.png, curves.png)."""
-    import dataclasses
-
+    """Write the figures of a finished or running RUN directory (samples.png, curves.png) from its files."""
     import yaml
 
+    from .figures import redraw
     from .rundir import ResumeMismatch
-    from .trainer import Trainer
 
     run_dir = Path(run)
     try:
@@ -247,13 +327,10 @@ def show(run):
     except ConfigError as err:
         _fail(f"{run_dir}: {err}")
     try:
-        cfg = dataclasses.replace(saved, out=str(run_dir.parent), name=run_dir.name, resume=True, wandb="disabled")
-        trainer = Trainer(cfg, log=click.echo)
-        if not trainer.load_checkpoint():
-            _fail(f"{run_dir} has no checkpoint yet")
+        paths = redraw(run_dir, saved)
     except (ConfigError, ResumeMismatch, ValueError) as err:
         _fail(f"{run_dir}: {err}")
-    for path in trainer.write_figures():
+    for path in paths:
         click.echo(f"wrote {path}")
 
 

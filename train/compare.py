@@ -17,13 +17,12 @@ from typing import Any
 
 from gutout.atomic import atomic_write_bytes
 from gutout.config import ConfigError
+from gutout.pipelines.datasets import DATASETS
 
 from .config import TrainConfig, identity_differences, read_run_config
 from .stats import Estimate, estimate, paired_difference
 
-# Cutout's square side as a fraction of the image side (DeVries & Taylor 2017: 16 px of 32 on CIFAR-10,
-# 8 px on CIFAR-100; on Fashion-MNIST, which the paper does not cover, half the side, as on CIFAR-10).
-CUTOUT_SIZE = {"cifar10": 0.5, "cifar100": 0.25, "fashion-mnist": 0.5, "imagenet": 0.5, "folder": 0.5}
+CUTOUT_SIZE = {name: spec.cutout_side for name, spec in DATASETS.items()}  # Cutout's side, from the registry
 
 
 def cutout_erased_fraction(side: float) -> float:
@@ -64,8 +63,10 @@ def run_overrides(run: str, dataset: str, p: float | None = None) -> dict[str, A
         except ValueError:
             pass
     if name not in ARMS:
-        raise ConfigError(f"unknown comparison run {run!r}; runs: {', '.join(ARMS)} "
-                          "(those with a knob take a value too: cutout-0.25, gutout-area-0.1)")  # fmt: skip
+        raise ConfigError(
+            f"unknown comparison run {run!r}; runs: {', '.join(ARMS)} "
+            "(those with a knob take a value too: cutout-0.25, gutout-area-0.1)"
+        )
     overrides, knob = ARMS[name]
     size = CUTOUT_SIZE[dataset]
     overrides = dict(overrides)
@@ -115,8 +116,10 @@ def check_same_run(cfg: TrainConfig) -> None:
     saved = read_run_config(cfg.run_dir).identity()
     diffs = [f"{k}={there!r} there, {here!r} here" for k, there, here in identity_differences(saved, cfg.identity())]
     if diffs:
-        raise ConfigError(f"{cfg.run_dir} holds a run of another configuration ({'; '.join(diffs)}); "
-                          "pass another --out, or move that run directory away")  # fmt: skip
+        raise ConfigError(
+            f"{cfg.run_dir} holds a run of another configuration ({'; '.join(diffs)}); "
+            "pass another --out, or move that run directory away"
+        )
 
 
 def finished(cfg: TrainConfig) -> dict | None:
@@ -129,8 +132,15 @@ def finished(cfg: TrainConfig) -> dict | None:
     return records[-1] if records and records[-1].get("epoch") == cfg.epochs - 1 else None
 
 
-def run_all(base: TrainConfig, runs: list[str], seeds: list[int], log=print, progress=None,
-            time_budget: float | None = None, p: float | None = None) -> dict[str, dict[int, dict]]:  # fmt: skip
+def run_all(
+    base: TrainConfig,
+    runs: list[str],
+    seeds: list[int],
+    log=print,
+    progress=None,
+    time_budget: float | None = None,
+    p: float | None = None,
+) -> dict[str, dict[int, dict]]:
     """Train what is missing (resuming interrupted runs); returns {run: {seed: final record}}.
 
     Seed-major order (every run for seed 0, then seed 1, ...), so that when `time_budget` seconds are spent
@@ -201,21 +211,24 @@ def row_values(record: dict, split: str, ensemble: int) -> dict[str, float]:
     return values
 
 
-def summarise(results: dict[str, dict[int, dict]], base: TrainConfig, split: str, reference: str | None,
-              p: float | None = None) -> list[dict]:  # fmt: skip
+def summarise(
+    results: dict[str, dict[int, dict]], base: TrainConfig, split: str, reference: str | None, p: float | None = None
+) -> list[dict]:
     """One row per run: its cut probability, an Estimate (mean ± s.e. over seeds) per column, and the paired
     difference of its error to the reference run's over the seeds both have."""
     ensemble = base.ensemble
-    per_seed = {run: {seed: row_values(r, split, ensemble) for seed, r in records.items()}
-                for run, records in results.items()}  # fmt: skip
+    per_seed = {
+        run: {seed: row_values(r, split, ensemble) for seed, r in records.items()} for run, records in results.items()
+    }
     rows = []
     for run, seeds in per_seed.items():
         row: dict[str, Any] = {"run": run, "seeds": sorted(seeds), "p": run_config(base, run, 0, p).p}
         for key in seeds[next(iter(seeds))]:
             row[key] = estimate([values[key] for values in seeds.values()])
         if reference is not None and reference in per_seed and run != reference:
-            row["delta_error"] = paired_difference({s: v["error"] for s, v in seeds.items()},
-                                                   {s: v["error"] for s, v in per_seed[reference].items()})  # fmt: skip
+            row["delta_error"] = paired_difference(
+                {s: v["error"] for s, v in seeds.items()}, {s: v["error"] for s, v in per_seed[reference].items()}
+            )
         rows.append(row)
     return rows
 
@@ -245,15 +258,18 @@ def split_description(base: TrainConfig, split: str) -> str:
     return "the test set, which was also evaluated after every epoch (no validation split)"
 
 
-def results_markdown(rows: list[dict], base: TrainConfig, command: str, split: str, reference: str | None,
-                     extra: str = "") -> str:  # fmt: skip
+def results_markdown(
+    rows: list[dict], base: TrainConfig, command: str, split: str, reference: str | None, extra: str = ""
+) -> str:
     ensemble = base.ensemble
     data = "full training set" if base.subset is None else f"{base.subset}-sample subset"
     if base.val_split:
         data += f" (after holding out {base.val_split} for validation)"
     width = f" × {base.width} width" if base.width != 1 else ""
-    scale = (f"{base.dataset}, {data}, {base.model_name}{width}, {base.epochs} epochs ({base.schedule} schedule), "
-             f"batch {base.batch_size}, K = {ensemble}")  # fmt: skip
+    scale = (
+        f"{base.dataset}, {data}, {base.model_name}{width}, {base.epochs} epochs ({base.schedule} schedule), "
+        f"batch {base.batch_size}, K = {ensemble}"
+    )
     columns = [c for c in COLUMNS if any(c[0] in r for r in rows)] + (ENSEMBLE_COLUMNS if ensemble > 1 else [])
     head = ["run", "p", "seeds", f"Δ error vs {reference} (pp) [95 % CI]" if reference else None]
     head = [h for h in head if h] + [c[1] for c in columns] + ["minutes per run", "train img/s"]
@@ -301,8 +317,11 @@ def results_figure(rows: list[dict], path: Path, title: str, reference: str | No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("error", "error (%)"), ("delta_error", f"Δ error vs {reference} (pp), 95 % CI"),
-              ("occluded_salient", "acc., salient occluded (%)")]  # fmt: skip
+    panels = [
+        ("error", "error (%)"),
+        ("delta_error", f"Δ error vs {reference} (pp), 95 % CI"),
+        ("occluded_salient", "acc., salient occluded (%)"),
+    ]
     if "disagreement" in rows[0]:
         panels.append(("disagreement", "disagreement (%)"))
     if reference is None:
@@ -335,8 +354,9 @@ def results_figure(rows: list[dict], path: Path, title: str, reference: str | No
     plt.close(fig)
 
 
-def write_results(rows: list[dict], base: TrainConfig, out_dir: Path, command: str, split: str,
-                  reference: str | None, extra: str = "") -> Path:  # fmt: skip
+def write_results(
+    rows: list[dict], base: TrainConfig, out_dir: Path, command: str, split: str, reference: str | None, extra: str = ""
+) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     text = results_markdown(rows, base, command, split, reference, extra)
     atomic_write_bytes(out_dir / "results.md", text.encode())

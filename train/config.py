@@ -9,34 +9,54 @@ from typing import Any
 
 import tomllib
 
-from gutout.config import ConfigError, check_choice, check_range, check_types, from_mapping
+from gutout.cache import PEER_RULES
+from gutout.config import ConfigError, check_choice, check_range, from_mapping
+from gutout.gradcam import TARGETS
+from gutout.pipelines import LoaderConfig
+from gutout.pipelines.datasets import DATASETS
+from gutout.plan import CutConfig
 
 from .models import CIFAR_NETS, MODELS, min_image_size
 
-DATASETS = ("fashion-mnist", "cifar10", "cifar100", "imagenet", "folder")
-POLICIES = ("threshold", "area", "box", "cutout", "erasing", "none")
-SALIENCY_POLICIES = ("threshold", "area", "box")  # the policies that read maps from the cache
+SCHEDULES = ("cosine", "multistep")
+REFRESH_MODES = ("pass", "harvest")
+DEVICES = ("auto", "cpu", "cuda")
+WANDB_MODES = ("offline", "online", "disabled")
+BACKENDS = ("auto", "dali", "tensor", "torch")
 
 # The Cutout paper's CIFAR recipe (DeVries & Taylor 2017): SGD + Nesterov, lr 0.1, wd 5e-4, batch 128,
 # 200 epochs, lr x 0.2 at epochs 60, 120, 160; a 16 px square on 32 px images.
 CUTOUT_PAPER = dict(
-    lr=0.1, momentum=0.9, weight_decay=5e-4, batch_size=128, epochs=200, schedule="multistep",
-    milestones=(60, 120, 160), lr_decay=0.2, policy="cutout", size=0.5,
-)  # fmt: skip
+    lr=0.1,
+    momentum=0.9,
+    weight_decay=5e-4,
+    batch_size=128,
+    epochs=200,
+    schedule="multistep",
+    milestones=(60, 120, 160),
+    lr_decay=0.2,
+    policy="cutout",
+    size=0.5,
+)
 PRESETS = {"cutout-paper": CUTOUT_PAPER}
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(CutConfig):
+    """Every option of a training run. The cut's options are CutConfig's fields (inherited, validated there);
+    the loader's take LoaderConfig's defaults; the rest are the trainer's own."""
+
+    # The trainer cuts half the samples (the library's CutConfig cuts every one it is given): erasing the most
+    # salient region of every image hid the object too often (Fashion-MNIST, 20k samples, 2 epochs, self-Gutout at
+    # t = 0.5: 50.4 % test accuracy at p = 1, 73.7 % at 0.5).
+    p: float = 0.5
     dataset: str = "fashion-mnist"
     data: str | None = None  # dataset folder; fashion-mnist falls back to Debian's package, then a download
     ensemble: int = 1  # K members; K = 1 is self-Gutout, K > 1 cuts each member with its peers' saliency
-    model: str | None = None  # None: small-resnet for <= 32 px datasets, resnet18 for ImageNet-sized ones
+    model: str | None = None  # None: the dataset's default (small-resnet for 28-32 px, resnet18 for image folders)
     width: float = 1.0  # channel multiplier of the CIFAR-style nets (capacity without depth)
     epochs: int = 10
-    # 128 rather than 256: twice the steps per epoch; the small ResNet on full Fashion-MNIST, 4 epochs, no cut:
-    # 89.6 % test accuracy at 256, 90.2 % at 128.
-    batch_size: int = 128
+    batch_size: int = LoaderConfig.batch_size
     lr: float = 0.1  # peak learning rate for batch_size (linearly warmed up over the first 2% of steps)
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -45,31 +65,21 @@ class TrainConfig:
     lr_decay: float = 0.2
     label_smoothing: float = 0.0
     preset: str | None = None  # "cutout-paper": the Cutout paper's hyperparameters (explicit options win)
-    policy: str = "threshold"
-    threshold: float = 0.5
-    area: float = 0.25
-    size: float = 0.5  # box / Cutout side, fraction of the crop side (Cutout paper: 16/32)
-    box_center: str = "peak"
-    # Cut half the samples: erasing the most salient region of every image hid the object too often
-    # (Fashion-MNIST, 20k samples, 2 epochs, self-Gutout at t = 0.5: 50.4 % test accuracy at p = 1, 73.7 % at 0.5).
-    p: float = 0.5
-    fill: float | str = 0.0
-    cold_start: str = "cutout"
     peers: str | None = None  # None: "self" for K = 1, "others" for K > 1
     refresh: str = "pass"  # "pass": Grad-CAM over the training set after the epoch; "harvest": from its forward
     refresh_every: int = 1
     warmup_epochs: int = 1  # epochs trained with the cold-start rule before the first refresh
     target: str = "label"  # Grad-CAM target: the true label, or "pred"
-    backend: str = "auto"  # "auto": tensor for in-memory datasets, dali for image folders
+    backend: str = LoaderConfig.backend
     skip_corrupt: bool = False  # image folders: decode every file once and leave out those that fail
     subset: int | None = None  # train on a fixed seeded subset of N samples (the full test set still evaluates)
     # Hold out N training samples (stratified, the same for every seed): per-epoch metrics are computed on them and
     # the test set is read once, after the last epoch. 0: no split; per-epoch metrics are on the test set.
     val_split: int = 0
-    image_size: int | None = None  # None: the dataset's own size (arrays) or 224 (folders)
+    image_size: int | None = None  # None: the dataset's (its arrays' own size, or FOLDER_IMAGE_SIZE for folders)
     device: str = "auto"  # "auto": cuda when available, else cpu
     amp: bool = True  # mixed precision and channels-last, on CUDA only
-    num_threads: int = 2  # DALI threads / DataLoader workers
+    num_threads: int = LoaderConfig.num_threads
     eval_batch_size: int = 1024
     seed: int = 0
     wandb: str = "offline"  # "offline" (the run lands in the run directory), "online", or "disabled"
@@ -82,46 +92,58 @@ class TrainConfig:
     progress: bool | None = None  # progress bars; None: when stderr is a terminal
 
     def __post_init__(self):
-        check_types(self)
+        super().__post_init__()  # the types of every field, and the cut's options
         name = "TrainConfig"
-        check_choice(name, "dataset", self.dataset, DATASETS)
+        check_choice(name, "dataset", self.dataset, tuple(DATASETS))
         if self.model is not None:
             check_choice(name, "model", self.model, MODELS)
-        check_choice(name, "policy", self.policy, POLICIES)
-        check_choice(name, "schedule", self.schedule, ("cosine", "multistep"))
-        check_choice(name, "refresh", self.refresh, ("pass", "harvest"))
-        check_choice(name, "target", self.target, ("label", "pred"))
-        check_choice(name, "backend", self.backend, ("auto", "dali", "tensor", "torch"))
-        check_choice(name, "device", self.device, ("auto", "cpu", "cuda"))
-        check_choice(name, "wandb", self.wandb, ("offline", "online", "disabled"))
+        check_choice(name, "schedule", self.schedule, SCHEDULES)
+        check_choice(name, "refresh", self.refresh, REFRESH_MODES)
+        check_choice(name, "target", self.target, TARGETS)
+        check_choice(name, "backend", self.backend, BACKENDS)
+        check_choice(name, "device", self.device, DEVICES)
+        check_choice(name, "wandb", self.wandb, WANDB_MODES)
         if self.peers is not None:
-            check_choice(name, "peers", self.peers, ("others", "self", "max"))
+            check_choice(name, "peers", self.peers, PEER_RULES)
             if self.peers == "others" and self.ensemble < 2:
                 raise ConfigError("TrainConfig.peers='others' needs --ensemble >= 2 (one member can only use 'self')")
         if self.preset is not None:
             check_choice(name, "preset", self.preset, tuple(PRESETS))
-        minimums = dict(ensemble=1, epochs=1, batch_size=1, refresh_every=1, eval_batch_size=1, num_threads=0,
-                        warmup_epochs=0, sample_grid=0, val_split=0)  # fmt: skip
+        minimums = dict(
+            ensemble=1,
+            epochs=1,
+            batch_size=1,
+            refresh_every=1,
+            eval_batch_size=1,
+            num_threads=0,
+            warmup_epochs=0,
+            sample_grid=0,
+            val_split=0,
+        )
         for key, lo in minimums.items():
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < lo:
                 raise ConfigError(f"{name}.{key}={value!r} must be an integer >= {lo}")
         if self.subset is not None and (not isinstance(self.subset, int) or self.subset < 1):
             raise ConfigError(f"{name}.subset={self.subset!r} must be a positive integer")
-        if self.image_size is not None and self.image_size < min_image_size(self.model_name):
-            raise ConfigError(f"{name}.image_size={self.image_size!r} is too small for {self.model_name} "
-                              f"(at least {min_image_size(self.model_name)} px)")  # fmt: skip
+        smallest = min_image_size(self.model_name)
+        if self.image_size is not None and self.image_size < smallest:
+            raise ConfigError(
+                f"{name}.image_size={self.image_size!r} is too small for {self.model_name} (at least {smallest} px)"
+            )
         check_range(name, "width", self.width, 0.0, 64.0, lo_open=True)
         if self.width != 1.0 and self.model_name not in CIFAR_NETS:
-            raise ConfigError(f"{name}.width={self.width!r} applies to the CIFAR-style models "
-                              f"({', '.join(CIFAR_NETS)}), not {self.model_name!r}")  # fmt: skip
+            nets = ", ".join(CIFAR_NETS)
+            raise ConfigError(
+                f"{name}.width={self.width!r} applies to the CIFAR-style models ({nets}), not {self.model_name!r}"
+            )
         check_range(name, "lr", self.lr, 0.0, 100.0, lo_open=True)
         check_range(name, "momentum", self.momentum, 0.0, 1.0)
         check_range(name, "weight_decay", self.weight_decay, 0.0, 1.0)
         check_range(name, "label_smoothing", self.label_smoothing, 0.0, 1.0)
         check_range(name, "lr_decay", self.lr_decay, 0.0, 1.0, lo_open=True)
-        if self.dataset in ("imagenet", "folder") and self.data is None:
-            raise ConfigError(f"dataset {self.dataset!r} needs --data PATH (an ImageFolder tree)")
+        if self.spec.needs_data and self.data is None:
+            raise ConfigError(f"dataset {self.dataset!r} needs --data PATH")
 
     # -- derived values ------------------------------------------------------------------------------
 
@@ -130,10 +152,13 @@ class TrainConfig:
         return self.peers or ("self" if self.ensemble == 1 else "others")
 
     @property
+    def spec(self):
+        """The dataset's record (gutout.pipelines.datasets.DATASETS)."""
+        return DATASETS[self.dataset]
+
+    @property
     def model_name(self) -> str:
-        if self.model is not None:
-            return self.model
-        return "resnet18" if self.dataset in ("imagenet", "folder") else "small-resnet"
+        return self.model if self.model is not None else self.spec.default_model
 
     @property
     def run_name(self) -> str:
@@ -143,11 +168,9 @@ class TrainConfig:
     def run_dir(self) -> Path:
         return Path(self.out) / self.run_name
 
-    def stage_options(self) -> dict[str, Any]:
-        """The flat options of gutout.StageConfig.from_flat."""
-        return dict(policy=self.policy, threshold=self.threshold, area=self.area, size=self.size,
-                    box_center=self.box_center, p=self.p, fill=self.fill, cold_start=self.cold_start,
-                    peers=self.peer_rule)  # fmt: skip
+    def cut_config(self) -> CutConfig:
+        """The cut's options of this run, as the library's config."""
+        return CutConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(CutConfig)})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

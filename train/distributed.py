@@ -51,6 +51,16 @@ def plan_layout(members: int, world: int, rank: int) -> Layout:
     )
 
 
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    """The device of this process: its local GPU (one per rank) or the CPU; `device` is "auto", "cpu" or "cuda"."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda but CUDA is not available here; use --device cpu")
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
 class Runtime:
     """The process group (or a single process), and the collectives the trainer needs."""
 

@@ -26,6 +26,8 @@ from gutout.cut import apply_plan_torch, cut
 from gutout.pipelines import LoaderConfig, make_source
 from gutout.plan import MODE_BOX, CutPlan, random_boxes
 
+from .metrics import ensemble_log_probs, ensemble_metrics, fit_temperature, prefixed, temperature_scaled
+
 OCCLUSIONS = ("random", "salient", "salient_box")
 
 
@@ -39,9 +41,17 @@ class OcclusionConfig:
 class Evaluator:
     """Scores this rank's members (`nets`: {member index: network}) on any dataset's "val" view."""
 
-    def __init__(self, nets: dict[int, nn.Module], members: int, num_classes: int, config: LoaderConfig,
-                 gather: Callable[[torch.Tensor], torch.Tensor], autocast: Callable[[], AbstractContextManager],
-                 layer: str, channels_last: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        nets: dict[int, nn.Module],
+        members: int,
+        num_classes: int,
+        config: LoaderConfig,
+        gather: Callable[[torch.Tensor], torch.Tensor],
+        autocast: Callable[[], AbstractContextManager],
+        layer: str,
+        channels_last: bool = False,
+    ):
         self.nets, self.members, self.num_classes, self.config = nets, members, num_classes, config
         self.gather, self.autocast, self.layer, self.channels_last = gather, autocast, layer, channels_last
         self.device = torch.device(config.device)
@@ -76,6 +86,26 @@ class Evaluator:
                     rows.append(self._row(m, batch.indices, net(batch.images)))
         return self._stack(rows, len(dataset), self.num_classes)
 
+    def scores(self, split: str, dataset) -> tuple[dict, torch.Tensor]:
+        """Every member on all of `dataset`: (metrics keyed `<split>/...`, logits (K, N, classes))."""
+        logits = self.logits(dataset)
+        return prefixed(split, ensemble_metrics(logits, dataset.labels)), logits
+
+    def final(self, splits: dict, eval_split: str, eval_logits: torch.Tensor) -> dict:
+        """At the end of a run, given `splits` {"val": dataset or None, "test": dataset} and the logits of the split
+        every epoch was scored on: the test set, read once here when a validation split exists; NLL and ECE after
+        one temperature fitted on the validation split; occlusion robustness on every evaluated split."""
+        record, logits = {}, {eval_split: eval_logits}
+        if splits["val"] is not None:
+            metrics, logits["test"] = self.scores("test", splits["test"])
+            record.update(metrics)
+            temperature = fit_temperature(ensemble_log_probs(logits["val"]), splits["val"].labels)
+            for split, split_logits in logits.items():
+                record.update(prefixed(split, temperature_scaled(temperature, split_logits, splits[split].labels)))
+        for split in logits:
+            record.update(prefixed(split, self.occlusion(splits[split])))
+        return record
+
     def occlusion(self, dataset, settings: OcclusionConfig = OcclusionConfig()) -> dict[str, float]:
         """Accuracy of each member and of the ensemble under each occlusion (keys `member/<m>/occlusion/<name>_acc`
         and `ensemble/occlusion/<name>_acc`)."""
@@ -95,8 +125,7 @@ class Evaluator:
             idx = batch.indices.cpu()
             random_view = occlude_boxes(batch.images, boxes[idx])
             for m, net in self.nets.items():
-                views = {"random": random_view,
-                         **salient_views(batch.images, maps[m, idx], settings.area)}  # fmt: skip
+                views = {"random": random_view, **salient_views(batch.images, maps[m, idx], settings.area)}
                 if self.members > 1:  # one member: its own map is the ensemble's
                     ensemble = salient_views(batch.images, ensemble_maps[idx], settings.area)
                     views |= {"ensemble_salient": ensemble["salient"], "ensemble_box": ensemble["salient_box"]}
@@ -138,9 +167,12 @@ class Evaluator:
 def occlude_boxes(images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     """A copy of `images` (B, C, H, W) with each sample's box (B, 4) (r0, c0, r1, c1) filled with 0."""
     B = images.shape[0]
-    plan = CutPlan(mode=torch.full((B,), MODE_BOX, dtype=torch.int32, device=images.device),
-                   tau=torch.zeros(B, device=images.device), box=boxes.to(images.device, torch.int32),
-                   noise_seed=0)  # fmt: skip
+    plan = CutPlan(
+        mode=torch.full((B,), MODE_BOX, dtype=torch.int32, device=images.device),
+        tau=torch.zeros(B, device=images.device),
+        box=boxes.to(images.device, torch.int32),
+        noise_seed=0,
+    )
     out, _ = apply_plan_torch(images.clone(), plan, None, None, None, 0.0)
     return out
 

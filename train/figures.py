@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from gutout import GutoutStage, SaliencyCache, StageConfig
+from gutout.pipelines import LoaderConfig, make_source
 
 
 def jet(maps: torch.Tensor) -> torch.Tensor:
@@ -31,8 +35,7 @@ def sample_grid(images, maps, cut_views, mean, std, scale: int = 4) -> torch.Ten
     base = to_display(images, mean, std)  # (n, 3, H, W)
     columns = [base]
     for member_maps in maps:
-        heat = jet(F.interpolate(member_maps[:, None].float(), size=(H, W), mode="bilinear",
-                                 align_corners=False)[:, 0])  # fmt: skip
+        heat = jet(F.interpolate(member_maps[:, None].float(), size=(H, W), mode="bilinear", align_corners=False)[:, 0])
         columns.append(0.5 * base + 0.5 * heat)
     columns += [to_display(view, mean, std) for view in cut_views]
     tiles = torch.stack(columns, dim=1)  # (n, columns, 3, H, W)
@@ -76,3 +79,72 @@ def save_curves(history: list[dict], members: int, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def sample_images(
+    dataset, config: LoaderConfig, cache: SaliencyCache, stage: StageConfig, n: int
+) -> torch.Tensor | None:
+    """The sample grid of the first `n` samples: image, each member's saliency, each member's Gutout view (uint8
+    (H, W, 3)); every sample is cut (p = 1), since the grid is for looking at what Gutout erases."""
+    n = min(n, len(dataset))
+    if n == 0:
+        return None
+    config = dataclasses.replace(config, batch_size=n, shard_id=0, num_shards=1)
+    batch = next(iter(make_source(dataset, "refresh", config)))
+    maps = cache.maps[:, batch.indices.to(cache.device)]  # (K, n, h, w)
+    shown = dataclasses.replace(stage, cut=dataclasses.replace(stage.cut, p=1.0))
+    generator = torch.Generator().manual_seed(0)
+    views = [
+        GutoutStage(shown, cache, m)(batch.images.clone(), batch.indices, batch.windows, batch.flips, generator)
+        for m in range(cache.members)
+    ]
+    return sample_grid(batch.images, maps, torch.stack(views), config.mean, config.std)
+
+
+def write_figures(run_dir: Path, history: list[dict], members: int, grid: torch.Tensor | None) -> list[Path]:
+    """samples.png (when there is a grid) and curves.png (when there is a history) in `run_dir`."""
+    paths = []
+    if grid is not None:
+        save_png(grid, run_dir / "samples.png")
+        paths.append(run_dir / "samples.png")
+    save_curves(history, members, run_dir / "curves.png")
+    if (run_dir / "curves.png").exists():
+        paths.append(run_dir / "curves.png")
+    return paths
+
+
+def redraw(run_dir: Path, saved) -> list[Path]:
+    """The figures of a run directory from its files alone — config.yaml, metrics.jsonl, the maps (cache.gsc, or
+    the last checkpoint's while the run goes on) and the dataset; no model is built."""
+    import json
+
+    from .data import load_splits, loader_config
+    from .rundir import CHECKPOINT, ResumeMismatch
+
+    cfg = dataclasses.replace(saved, out=str(run_dir.parent), name=run_dir.name)
+    train = load_splits(cfg).train
+    if (run_dir / "cache.gsc").exists():
+        cache = SaliencyCache.load(run_dir / "cache.gsc")
+    elif (run_dir / CHECKPOINT).exists():
+        state = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=False)["cache"]
+        header = state["header"]
+        cache = SaliencyCache(
+            header["members"],
+            header["samples"],
+            tuple(header["map_size"]),
+            fingerprint=header["fingerprint"],
+            layer=header["layer"],
+            target=header["target"],
+        )
+        cache.load_state_dict(state)
+    else:
+        raise ResumeMismatch("it has no checkpoint yet")
+    if cache.fingerprint != train.fingerprint:
+        raise ResumeMismatch(
+            f"its maps belong to other samples (fingerprint {cache.fingerprint}, the dataset now {train.fingerprint})"
+        )
+    metrics = run_dir / "metrics.jsonl"
+    history = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    stage = StageConfig(cfg.cut_config(), peers=cfg.peer_rule)
+    grid = sample_images(train, loader_config(cfg, train), cache, stage, cfg.sample_grid)
+    return write_figures(run_dir, history, cfg.ensemble, grid)

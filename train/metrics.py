@@ -11,6 +11,11 @@ import torch
 import torch.nn.functional as F
 
 
+def prefixed(split: str, metrics: dict) -> dict:
+    """Metric keys under the split they were computed on: `val/ensemble/acc`, `test/member/0/nll`."""
+    return {f"{split}/{key}": value for key, value in metrics.items()}
+
+
 def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
     """ECE of probabilities (N, classes): `bins` equal-width confidence bins, L1 (torchmetrics' definition)."""
     from torchmetrics.functional.classification import multiclass_calibration_error

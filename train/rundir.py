@@ -11,10 +11,17 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import os
+import subprocess
 from pathlib import Path
 
+from gutout.atomic import atomic_write_bytes
+
+from .config import TrainConfig, identity_differences, read_run_config
+
 LOCK = "lock"
+CHECKPOINT = "checkpoint.pt"  # written last at each epoch's end: its presence marks a complete checkpoint
 
 
 class ResumeMismatch(RuntimeError):
@@ -118,3 +125,58 @@ def writing(what: str, note: str = ""):
             raise
         reason = describe_os_error(err) + (f"; {note}" if note else "")
         raise RunDirectoryError(f"cannot write {what}: {reason}") from None
+
+
+def check_run_dir(cfg: TrainConfig) -> None:
+    """Refuse a directory that holds a run (from the moment that run started: its config.yaml) unless this is its
+    --resume; a --resume of a run stopped before its first checkpoint must be the same configuration."""
+    run_dir, config = cfg.run_dir, cfg.run_dir / "config.yaml"
+    if not cfg.resume:
+        if (run_dir / CHECKPOINT).exists() or config.exists():
+            raise ResumeMismatch(
+                f"{run_dir} already holds a run; pass --resume to continue it, or choose another --name/--out"
+            )
+    elif config.exists() and not (run_dir / CHECKPOINT).exists():
+        try:
+            saved = read_run_config(run_dir).identity()
+        except Exception as err:  # noqa: BLE001 - unreadable YAML or a config of another version, named
+            raise ResumeMismatch(f"cannot read {config}: {err}; refusing to resume") from None
+        differences = identity_differences(saved, cfg.identity())
+        if differences:
+            diffs = "; ".join(f"{k}: that run has {theirs!r}, this one {mine!r}" for k, theirs, mine in differences)
+            raise ResumeMismatch(f"{run_dir} holds another run; refusing to resume: {diffs}")
+
+
+def record_run(cfg: TrainConfig) -> None:
+    """config.yaml and git-revision: written once the run directory is known to hold this run (after a resume's
+    checks), so that a refused --resume leaves the directory as it was."""
+    import yaml
+
+    atomic_write_bytes(cfg.run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=True).encode())
+    atomic_write_bytes(cfg.run_dir / "git-revision", (git_revision() + "\n").encode())
+
+
+@functools.cache
+def git_revision() -> str:
+    """The commit of the source tree this process runs, "+dirty" when it had uncommitted changes; "unknown"
+    outside a git checkout. Asked once per process, when its first run starts (its code is loaded by then):
+    in a long `compare`, later commits are not this code."""
+    here = Path(__file__).resolve().parent
+    try:
+        # Installed inside some other repository (a venv in a project), HEAD would be that project's.
+        ours = subprocess.run(
+            ["git", "ls-files", "--error-unmatch", Path(__file__).name], capture_output=True, timeout=10, cwd=here
+        )
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, cwd=here)
+        if ours.returncode != 0 or head.returncode != 0 or not head.stdout.strip():
+            return "unknown"
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", "."],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=here.parent,
+        )
+        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"

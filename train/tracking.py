@@ -17,8 +17,15 @@ from gutout.atomic import atomic_write_bytes
 
 
 class Tracker:
-    def __init__(self, run_dir: Path, config: dict[str, Any], mode: str, project: str, name: str,
-                 history: list[dict] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        run_dir: Path,
+        config: dict[str, Any],
+        mode: str,
+        project: str,
+        name: str,
+        history: list[dict] | None = None,
+    ):
         self.run_dir = run_dir
         self.metrics_path = run_dir / "metrics.jsonl"
         self.history: list[dict] = list(history or [])
@@ -39,8 +46,10 @@ class Tracker:
                     payload[key] = self._wandb_module.Image(grid)
                 self.wandb.log(payload)
             except Exception as err:  # noqa: BLE001 - a dashboard must never stop training
-                warnings.warn(f"W&B logging failed ({err}); it is off for the rest of this run, metrics.jsonl has "
-                              "every record", stacklevel=2)  # fmt: skip
+                warnings.warn(
+                    f"W&B logging failed ({err}); it is off for the rest of this run, metrics.jsonl has every record",
+                    stacklevel=2,
+                )
                 self._close_wandb()
 
     @property
@@ -68,8 +77,9 @@ def _init_wandb(run_dir: Path, config: dict, mode: str, project: str, name: str)
     run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)  # resumes reuse it
     id_file.write_text(run_id)
     settings = wandb.Settings(init_timeout=60, silent=True, console="off")
-    kwargs = dict(project=project, name=name, id=run_id, resume="allow", dir=str(run_dir), config=config,
-                  settings=settings)  # fmt: skip
+    kwargs = dict(
+        project=project, name=name, id=run_id, resume="allow", dir=str(run_dir), config=config, settings=settings
+    )
     try:
         run = wandb.init(mode=mode, **kwargs)
     except Exception as err:  # noqa: BLE001 - no network, no key: never let logging stop training

@@ -1,25 +1,25 @@
-"""Normalisation statistics: the user's, else the known dataset's, else measured on the arrays, else ImageNet's."""
+"""Normalisation statistics: the user's, else the registered dataset's, else measured on the arrays, else
+ImageNet's."""
 
 from __future__ import annotations
 
 import torch
 
 from .batch import LoaderConfig
-from .datasets import STATS, ArrayDataset
+from .datasets import DATASETS, ArrayDataset, registered
 
 
 def resolve_stats(dataset, config: LoaderConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """(mean, std) in [0, 1] pixel units, one value per channel of `dataset`."""
+    spec = registered(dataset)
     if config.mean is not None:
         mean, std = tuple(config.mean), tuple(config.std)
+    elif spec is not None:
+        mean, std = spec.mean, spec.std
+    elif isinstance(dataset, ArrayDataset):
+        mean, std = measured_stats(dataset.images)
     else:
-        key = dataset.name.split("/")[0].split("[")[0]
-        if key in STATS:
-            mean, std = STATS[key]
-        elif isinstance(dataset, ArrayDataset):
-            mean, std = measured_stats(dataset.images)
-        else:
-            mean, std = STATS["imagenet"]
+        mean, std = DATASETS["imagenet"].mean, DATASETS["imagenet"].std
     channels = dataset.channels
     if len(mean) == 1 and channels > 1:
         mean, std = mean * channels, std * channels

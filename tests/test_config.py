@@ -27,8 +27,9 @@ def test_every_cut_option_is_a_training_option_with_the_librarys_default_but_p()
     differing = {k for k, v in cut_fields.items() if train_fields[k] != v}
     assert differing == {"p"}  # the trainer's recipe cuts half the samples; the library cuts what it is given
     cfg = make_config({"gamma": 2.0, "erase_scale": [0.05, 0.2], "erase_ratio": [0.5, 2.0], "kernel": "torch"})
-    assert cfg.cut_config() == CutConfig(gamma=2.0, erase_scale=(0.05, 0.2), erase_ratio=(0.5, 2.0), kernel="torch",
-                                         p=0.5)  # fmt: skip
+    assert cfg.cut_config() == CutConfig(
+        gamma=2.0, erase_scale=(0.05, 0.2), erase_ratio=(0.5, 2.0), kernel="torch", p=0.5
+    )
     with pytest.raises(ValueError, match="TrainConfig.gamma=0.0 must lie in"):
         make_config(gamma=0.0)  # the cut's checks, naming the training config
 

@@ -42,6 +42,18 @@ def test_every_cut_option_can_be_set_on_the_command_line(tmp_path):
     assert "(default 0.5)" in p_help, p_help  # defaults read from TrainConfig
 
 
+def test_options_not_given_leave_the_config_file_and_the_defaults_alone():
+    """A flag not on the command line is None to the trainer, not click's False (which turned --amp off)."""
+    command = main.commands["train"]
+    given = command.make_context("train", ["fashion-mnist"]).params
+    unset = {name for name, value in given.items() if value is None}
+    assert {"amp", "resume", "skip_corrupt", "progress"} <= unset
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    cli_values = {k: v for k, v in given.items() if k in fields}
+    assert make_config({"amp": False}, **cli_values).amp is False
+    assert make_config(**cli_values).amp is True
+
+
 def test_the_registry_is_where_each_dataset_fact_lives():
     assert set(DATASETS) == {"fashion-mnist", "cifar10", "cifar100", "imagenet", "folder"}
     for name, spec in DATASETS.items():

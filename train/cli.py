@@ -75,7 +75,9 @@ def option(flag: str, help: str, *, default: str | None = None, **kwargs):
     value = default if default is not None else _defaults()[field]
     if isinstance(value, tuple):
         value = ",".join(map(str, value))
-    return click.option(flag, field, help=f"{help} (default {value}).", **kwargs)
+    # click's own default stays None, flags included (a bare flag would default to False): an option not given
+    # must not override the config file or the dataclass.
+    return click.option(flag, field, help=f"{help} (default {value}).", default=None, **kwargs)
 
 
 def _pair(ctx, param, value):

@@ -86,12 +86,18 @@ class SaliencyCache:
         return indices
 
     def update(
-        self, member: int, indices: torch.Tensor, maps: torch.Tensor, covered: torch.Tensor | None = None
+        self,
+        member: int,
+        indices: torch.Tensor,
+        maps: torch.Tensor,
+        covered: torch.Tensor | None = None,
+        usable: torch.Tensor | None = None,
     ) -> None:
         """Write canonical-frame `maps` (B, h, w), any float dtype, for `indices` (B,) into the pending buffer.
 
         `covered` (B, h, w) bool, if given, limits the write to those cells (harvest from crops that show
-        only part of the image): the other cells keep their previous value.
+        only part of the image): the other cells keep their previous value. `usable` (B,) bool, if given, marks
+        the entries whose map readers may use; the others read as having no map (as before the first refresh).
         """
         self._check_member(member)
         indices = self._check_indices(indices)
@@ -105,20 +111,22 @@ class SaliencyCache:
             previous = self._pending_maps[member, indices]
             maps = torch.where(covered.to(self.device), maps, previous)
         self._pending_maps[member, indices] = maps
-        self._pending_valid[member, indices] = True
+        self._pending_valid[member, indices] = True if usable is None else usable.to(self.device, torch.bool)
         self._dirty[member, indices] = True
 
-    def dirty_entries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(members (n,), indices (n,), pending maps (n, h, w)) written by this process since the last publish:
-        what a multi-process run all-gathers before publishing."""
+    def dirty_entries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(members (n,), indices (n,), pending maps (n, h, w), usable (n,) bool) written by this process since the
+        last publish: what a multi-process run all-gathers before publishing."""
         members, indices = self._dirty.nonzero(as_tuple=True)
-        return members, indices, self._pending_maps[members, indices]
+        return members, indices, self._pending_maps[members, indices], self._pending_valid[members, indices]
 
-    def write_entries(self, members: torch.Tensor, indices: torch.Tensor, maps: torch.Tensor) -> None:
+    def write_entries(
+        self, members: torch.Tensor, indices: torch.Tensor, maps: torch.Tensor, usable: torch.Tensor | None = None
+    ) -> None:
         """Write entries that another process computed (whole maps, already merged there) into the pending buffer."""
         members, indices = members.to(self.device).long(), indices.to(self.device).long()
         self._pending_maps[members, indices] = maps.to(device=self.device, dtype=torch.float16)
-        self._pending_valid[members, indices] = True
+        self._pending_valid[members, indices] = True if usable is None else usable.to(self.device, torch.bool)
 
     def mark_synced(self) -> None:
         """Every process has this process's pending entries now (all-gathered, not yet published)."""

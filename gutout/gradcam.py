@@ -108,14 +108,16 @@ class ActivationCapture:
     maps = cam_from_activations(capture.activations, model.fc.weight, labels)
     """
 
-    def __init__(self, model: nn.Module, layer: str | nn.Module):
+    def __init__(self, model: nn.Module, layer: str | nn.Module, *, keep_graph: bool = False):
         self.module = resolve_layer(model, layer)
+        self.keep_graph = keep_graph  # the activations stay in the forward's graph (for a loss on them)
         self.activations: torch.Tensor | None = None
         self._handle = None
 
     def _hook(self, _module, _inputs, output):
-        # A detached copy: in-place ops after the layer (DenseNet's ReLU) must not change what we saw.
-        self.activations = output.detach().clone()
+        # A copy: in-place ops after the layer (DenseNet's ReLU) must not change what we saw. Detached, unless a
+        # loss is to be taken on it (a clone stays in the graph).
+        self.activations = output.clone() if self.keep_graph else output.detach().clone()
 
     def __enter__(self) -> ActivationCapture:
         self._handle = self.module.register_forward_hook(self._hook)
@@ -151,6 +153,7 @@ class GradCAM:
         self.layer_name = layer if isinstance(layer, str) else None
         self._layer = resolve_layer(model, layer) if layer is not None else None
         self.last_path: str | None = None  # "closed-form" or "gradient": which path the last call took
+        self.last_predictions: torch.Tensor | None = None  # (B,) the model's argmax classes in the last call
         self._head_is_linear: bool | None = None  # learnt on the first call, re-verified on every call
 
     def __enter__(self) -> GradCAM:
@@ -205,6 +208,7 @@ class GradCAM:
     def _cams(self, images: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
         try_closed_form = self.closed_form and self._head_is_linear is not False
         logits, activations = self._forward(images, with_grad=not try_closed_form)
+        self.last_predictions = logits.detach().argmax(1)
         targets = logits.argmax(1) if self.target == "pred" else torch.as_tensor(targets, device=logits.device)
         targets = targets.long().view(-1)
         outside = ((targets < 0) | (targets >= logits.shape[-1])).nonzero()

@@ -16,8 +16,9 @@ import torch
 from .config import ConfigError, check_choice, check_range, check_types
 from .warp import warp_to_crop
 
-POLICIES = ("threshold", "area", "box", "cutout", "erasing", "none")
-SALIENCY_POLICIES = ("threshold", "area", "box")  # the policies that read maps (and need them refreshed)
+POLICIES = ("threshold", "area", "box", "keep", "cutout", "erasing", "none")
+SALIENCY_POLICIES = ("threshold", "area", "box", "keep")  # the policies that read maps (and need them refreshed)
+THRESHOLD_RULES = ("fixed", "sigma", "range")
 BOX_CENTERS = ("peak", "sample")
 COLD_STARTS = ("cutout", "none")
 KERNELS = ("auto", "torch", "cupy", "numba")
@@ -29,7 +30,13 @@ MODE_NONE, MODE_THRESHOLD, MODE_AREA, MODE_BOX = 0, 1, 2, 3
 @dataclass(frozen=True)
 class CutConfig:
     policy: str = "threshold"
-    threshold: float = 0.5  # erase where the warped, max-normalised saliency > threshold
+    threshold: float = 0.5  # erase where the warped, max-normalised saliency > threshold (keep: spare it)
+    # How the threshold policy sets each sample's threshold: "fixed" (`threshold`), "sigma" (the map's mean + k
+    # standard deviations: MaskTune erases above mean + 2 sigma), or "range" (drawn per sample from
+    # `threshold_range`: WS-DAN drops above U(0.2, 0.5) x max).
+    threshold_rule: str = "fixed"
+    k: float = 2.0
+    threshold_range: tuple[float, float] = (0.2, 0.5)
     area: float = 0.25  # `area` policy: fraction of the crop's pixels to erase, most salient first
     size: float = 0.5  # box / Cutout side as a fraction of the crop side (Cutout paper: 16/32 on CIFAR)
     box_center: str = "peak"  # `box`: centre on the saliency peak, or `sample` it with p ∝ saliency^gamma
@@ -46,6 +53,10 @@ class CutConfig:
         name = type(self).__name__  # configs that extend this one (TrainConfig) are named in their errors
         check_choice(name, "policy", self.policy, POLICIES)
         check_range(name, "threshold", self.threshold, 0.0, 1.0)
+        check_choice(name, "threshold_rule", self.threshold_rule, THRESHOLD_RULES)
+        check_range(name, "k", self.k, -10.0, 10.0)
+        if not 0 <= self.threshold_range[0] <= self.threshold_range[1] <= 1:
+            raise ConfigError(f"{name}.threshold_range={self.threshold_range!r} must satisfy 0 <= lo <= hi <= 1")
         check_range(name, "area", self.area, 0.0, 1.0)
         check_range(name, "size", self.size, 0.0, 1.0)
         check_choice(name, "box_center", self.box_center, BOX_CENTERS)
@@ -125,6 +136,42 @@ def _boxes_at(cy: torch.Tensor, cx: torch.Tensor, hw: tuple[int, int], side: flo
     return torch.minimum(torch.maximum(boxes, lo), hi).to(torch.int32)
 
 
+def _thresholds(maps: torch.Tensor, config: CutConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """(B,) float32 CPU: each sample's saliency threshold under the threshold rule. The sigma rule reads the
+    sample's canonical map (its mean and standard deviation over the cells); the range rule draws one per sample."""
+    B = maps.shape[0]
+    if config.threshold_rule == "sigma":
+        flat = maps.detach().float().flatten(1)  # (B, h*w)
+        return (flat.mean(1) + config.k * flat.std(1, unbiased=False)).cpu()
+    if config.threshold_rule == "range":
+        lo, hi = config.threshold_range
+        return torch.empty(B).uniform_(lo, hi, generator=generator) if hi > lo else torch.full((B,), lo)
+    return torch.full((B,), config.threshold)
+
+
+KEEP_TRIES = 10  # Cutout squares drawn per sample before giving up on sparing its salient pixels
+
+
+def _sparing_boxes(saliency: torch.Tensor, config: CutConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """KeepAugment's rule: per sample, the first of KEEP_TRIES random Cutout squares (side `size`) that covers no
+    pixel whose warped saliency exceeds `threshold`; an empty box where none does. (B, 4) int32 on the CPU.
+
+    A summed-area table of the salient pixels counts each candidate's overlap in O(1)."""
+    B, H, W = saliency.shape
+    salient = (saliency > config.threshold).cpu().to(torch.int32)  # (B, H, W)
+    table = torch.zeros(B, H + 1, W + 1, dtype=torch.int32)
+    table[:, 1:, 1:] = salient.cumsum(1).cumsum(2)
+    boxes = random_boxes(B * KEEP_TRIES, (H, W), config.size, generator).view(B, KEEP_TRIES, 4).long()
+    r0, c0, r1, c1 = boxes.unbind(-1)  # each (B, tries)
+    rows = torch.arange(B)[:, None]
+    overlap = table[rows, r1, c1] - table[rows, r0, c1] - table[rows, r1, c0] + table[rows, r0, c0]  # (B, tries)
+    clear = overlap == 0
+    first = torch.where(clear.any(1), clear.float().argmax(1), -1)  # (B,) the first sparing try, or -1
+    chosen = boxes[torch.arange(B), first.clamp_min(0)]  # (B, 4)
+    chosen[first < 0] = 0
+    return chosen.to(torch.int32)
+
+
 def plan_cuts(
     maps: torch.Tensor | None,
     valid: torch.Tensor | None,
@@ -162,7 +209,7 @@ def plan_cuts(
             box[cold] = random_boxes(int(cold.sum()), image_hw, config.cold_start_side, generator)
         if config.policy == "threshold":
             mode[use_map] = MODE_THRESHOLD
-            tau[use_map] = config.threshold
+            tau[use_map] = _thresholds(maps, config, generator)[use_map]
         elif bool(use_map.any()):
             saliency = warp_to_crop(maps, windows, flips, image_hw)  # (B, H, W)
             flat = saliency.flatten(1)  # (B, H*W)
@@ -172,6 +219,11 @@ def plan_cuts(
                     kth_largest = flat.kthvalue(H * W - k + 1, dim=1).values.cpu()  # (B,)
                     mode[use_map] = MODE_AREA
                     tau[use_map] = kth_largest[use_map]
+            elif config.policy == "keep":
+                keep = _sparing_boxes(saliency, config, generator)  # (B, 4), or an empty box where none spares
+                use_map &= (keep[:, 2] > keep[:, 0]) & (keep[:, 3] > keep[:, 1])
+                mode[use_map] = MODE_BOX
+                box[use_map] = keep[use_map]
             else:  # box
                 peak, centre = (t.cpu() for t in flat.max(dim=1))
                 use_map &= peak > 0  # an all-zero map means "nothing to cut"

@@ -21,6 +21,7 @@ class Batch(NamedTuple):
     indices: torch.Tensor  # (B,) int64 position of each sample in the dataset (the cache's index)
     windows: torch.Tensor  # (B, 4) float32 crop window (y0, x0, y1, x1) in the canonical frame
     flips: torch.Tensor  # (B,) bool, horizontal flip applied after the crop
+    clean: torch.Tensor | None = None  # (B, C, H, W) the images before the cut, when the caller asked to keep them
 
 
 class ShardedSource:

@@ -133,17 +133,19 @@ class GutoutLoader:
         self.epoch = epoch
         self.source.set_epoch(epoch)
 
-    def batches(self) -> Iterator[Batch]:
-        """Gutout'ed batches with their indices, windows and flips."""
+    def batches(self, keep_clean: bool = False) -> Iterator[Batch]:
+        """Gutout'ed batches with their indices, windows and flips; with `keep_clean`, each also carries its images
+        before the cut (`.clean`), for training on both views."""
         generator = torch.Generator().manual_seed(self.config.epoch_seed(self.epoch, salt=self.member + 1))
-        if isinstance(self.source, HostNormalisingSource):  # normalised on the host: cut in that very pass
+        if isinstance(self.source, HostNormalisingSource) and not keep_clean:  # cut in the normalising pass
             yield from self.source.normalised_epoch(
                 functools.partial(self.stage.normalise_and_cut, generator=generator)
             )
             return
         for batch in self.source:
+            clean = batch.images.clone() if keep_clean else None
             images = self.stage(batch.images, batch.indices, batch.windows, batch.flips, generator)
-            yield batch._replace(images=images)
+            yield batch._replace(images=images, clean=clean)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for batch in self.batches():
@@ -162,16 +164,24 @@ class GutoutLoader:
     # -- saliency refresh ------------------------------------------------------------------------------
 
     def refresh(
-        self, model: torch.nn.Module, layer: str | None = None, *, publish: bool = True, batch_size: int | None = None
+        self,
+        model: torch.nn.Module,
+        layer: str | None = None,
+        *,
+        publish: bool = True,
+        batch_size: int | None = None,
+        correct_only: bool = False,
     ) -> None:
         """Grad-CAM of `model` at the true labels over the whole dataset (refresh view: the canonical frame),
-        written into the cache as this loader's member and published."""
+        written into the cache as this loader's member and published. With `correct_only`, the maps of samples
+        the model misclassifies are stored as unusable: readers treat those samples as having no map."""
         if self.cache is None:
             raise ValueError("refresh() needs a SaliencyCache: build the loader with cache=")
         cam = GradCAM(model, layer, target=self.cache.target if self.cache.target in ("label", "pred") else "label")
         for batch in self.view("refresh", batch_size):
             maps = cam(batch.images, batch.labels)  # (B, h, w)
-            self.cache.update(self.member, batch.indices, fit_map_size(maps, self.cache.map_size))
+            usable = cam.last_predictions == batch.labels if correct_only else None  # (B,)
+            self.cache.update(self.member, batch.indices, fit_map_size(maps, self.cache.map_size), usable=usable)
         if self.cache.layer is None:
             self.cache.layer = cam.layer_name
         if publish:

@@ -21,7 +21,28 @@ KERNEL_CASES = [
     dict(policy="cutout", size=0.5, p=0.7),
     dict(policy="threshold", threshold=0.4, fill="noise"),
     dict(policy="area", area=0.2, fill=-2.0, cold_start="none"),
+    dict(policy="threshold", threshold_rule="sigma", k=0.5),
+    dict(policy="threshold", threshold_rule="range", threshold_range=(0.2, 0.6)),
+    dict(policy="keep", size=0.3, threshold=0.7),
 ]
+
+
+def small_run(data, out, **overrides):
+    """A TrainConfig for a quick CPU run of the trainer on `data` (fake_fashion_mnist) into `out`: 2 epochs,
+    batch 32, no W&B, no loader threads, no sample grid; `overrides` win."""
+    from gutout.train.config import TrainConfig
+
+    values = dict(
+        data=str(data),
+        out=str(out),
+        epochs=2,
+        batch_size=32,
+        eval_batch_size=64,
+        wandb="disabled",
+        num_threads=0,
+        sample_grid=0,
+    )
+    return TrainConfig(**(values | overrides))
 
 
 def random_windows(batch: int, generator: torch.Generator, pad: float = 0.0) -> torch.Tensor:

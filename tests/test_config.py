@@ -47,7 +47,7 @@ def test_options_not_given_leave_the_config_file_and_the_defaults_alone():
     command = main.commands["train"]
     given = command.make_context("train", ["fashion-mnist"]).params
     unset = {name for name, value in given.items() if value is None}
-    assert {"amp", "resume", "skip_corrupt", "progress"} <= unset
+    assert {"amp", "pair", "resume", "skip_corrupt", "progress"} <= unset
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     cli_values = {k: v for k, v in given.items() if k in fields}
     assert make_config({"amp": False}, **cli_values).amp is False

@@ -292,3 +292,42 @@ def test_planned_area_thresholds_and_box_peaks_match_a_brute_force_oracle(seed):
     for b in torch.nonzero(has_peak).flatten().tolist():
         peaks = torch.nonzero(sal[b] >= sal[b].max() - 1e-5).flatten().tolist()  # the maximum, and exact ties
         assert plan.box[b].tolist() in [box_at(p) for p in peaks], (b, plan.box[b].tolist(), box_at(peaks[0]))
+
+
+def test_sigma_and_range_thresholds_are_per_sample():
+    images, maps, windows, flips = batch(B=16)
+    sigma = plan_cuts(maps, None, windows, flips, (24, 20), CutConfig(threshold_rule="sigma", k=1.5, p=1.0))
+    flat = maps.flatten(1)
+    assert torch.allclose(sigma.tau, flat.mean(1) + 1.5 * flat.std(1, unbiased=False))
+    drawn = plan_cuts(
+        maps,
+        None,
+        windows,
+        flips,
+        (24, 20),
+        CutConfig(threshold_rule="range", threshold_range=(0.2, 0.5), p=1.0),
+        torch.Generator().manual_seed(0),
+    )
+    assert bool(((drawn.tau >= 0.2) & (drawn.tau <= 0.5)).all()) and drawn.tau.std() > 0.03
+    assert bool((drawn.mode == MODE_THRESHOLD).all())
+    with pytest.raises(ConfigError, match="threshold_range"):
+        CutConfig(threshold_rule="range", threshold_range=(0.6, 0.2))
+
+
+def test_keep_cuts_a_square_that_spares_the_salient_pixels():
+    g = torch.Generator().manual_seed(4)
+    B, H, W = 32, 24, 20
+    maps = torch.zeros(B, 7, 7)
+    maps[:, 2:5, 2:5] = 1.0  # a salient centre
+    maps[-4:] = 1.0  # salient everywhere: no square can spare it
+    windows = torch.tensor([[0.0, 0.0, 1.0, 1.0]]).expand(B, 4)
+    flips = torch.zeros(B, dtype=torch.bool)
+    images = torch.randn(B, 1, H, W, generator=g) + 5
+    cfg = CutConfig(policy="keep", size=0.3, threshold=0.5, p=1.0)
+    plan = plan_cuts(maps, None, windows, flips, (H, W), cfg, torch.Generator().manual_seed(1))
+    out, erased = apply_plan_torch(images.clone(), plan, maps, windows, flips, 0.0)
+    salient = warp_to_crop(maps, windows, flips, (H, W)) > 0.5
+    cut_pixels = (out != images)[:, 0]
+    assert not bool((cut_pixels & salient).any())  # nothing salient was erased
+    assert bool((erased[:-4] > 0).all()) and bool((erased[-4:] == 0).all())  # a spare square, or no cut at all
+    assert float(erased[:-4].mean()) == pytest.approx(round(0.3 * H) * round(0.3 * W) / (H * W), rel=0.3)

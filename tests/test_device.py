@@ -9,11 +9,10 @@ import torch
 
 from gutout import CutConfig, GutoutStage, SaliencyCache, StageConfig, cut
 from gutout.pipelines import GutoutLoader
-from gutout.train.config import TrainConfig
 from gutout.train.models import small_resnet
 from gutout.train.trainer import Trainer
 from gutout.warp import warp_to_crop
-from tests.conftest import KERNEL_CASES, fake_fashion_mnist, random_windows
+from tests.conftest import KERNEL_CASES, fake_fashion_mnist, random_windows, small_run
 
 DEVICE = torch.device(os.environ.get("GUTOUT_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
 if DEVICE.type == "cuda" and not torch.cuda.is_available():
@@ -125,17 +124,8 @@ def test_drop_in_loader_and_refresh_on_the_device():
 
 def test_one_epoch_of_an_ensemble_on_the_device(tmp_path):
     data = fake_fashion_mnist(tmp_path / "data", n_train=256, n_test=64)
-    cfg = TrainConfig(
-        data=str(data),
-        out=str(tmp_path),
-        ensemble=2,
-        epochs=1,
-        batch_size=64,
-        device=DEVICE.type,
-        backend="tensor",
-        wandb="disabled",
-        num_threads=0,
-        eval_batch_size=128,
+    cfg = small_run(
+        data, tmp_path, ensemble=2, epochs=1, batch_size=64, device=DEVICE.type, backend="tensor", eval_batch_size=128
     )
     trainer = Trainer(cfg, log=lambda *a: None)
     final = trainer.run()

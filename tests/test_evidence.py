@@ -20,7 +20,7 @@ from gutout.train.metrics import fit_temperature
 from gutout.train.models import build_model
 from gutout.train.stats import estimate, paired_difference, t_quantile
 from gutout.train.trainer import Trainer
-from tests.conftest import fake_fashion_mnist
+from tests.conftest import fake_fashion_mnist, small_run
 
 
 @pytest.fixture(scope="module")
@@ -255,18 +255,7 @@ def test_temperature_scaling_never_raises_the_nll_it_was_fitted_on():
 def trained(data, tmp_path_factory):
     """A two-member ensemble trained on the synthetic blobs, each class a bright bar at its own place."""
     out = tmp_path_factory.mktemp("runs")
-    cfg = TrainConfig(
-        data=str(data),
-        out=str(out),
-        epochs=3,
-        batch_size=32,
-        eval_batch_size=256,
-        wandb="disabled",
-        num_threads=0,
-        ensemble=2,
-        policy="none",
-        sample_grid=0,
-    )
+    cfg = small_run(data, out, epochs=3, eval_batch_size=256, ensemble=2, policy="none")
     trainer = Trainer(cfg, log=lambda *a: None)
     final = trainer.run()
     return trainer, final

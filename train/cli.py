@@ -12,7 +12,7 @@ from gutout.cache import PEER_RULES
 from gutout.config import ConfigError
 from gutout.gradcam import TARGETS
 from gutout.pipelines.datasets import DATASETS, CorruptImage
-from gutout.plan import BOX_CENTERS, COLD_STARTS, KERNELS, POLICIES
+from gutout.plan import BOX_CENTERS, COLD_STARTS, KERNELS, POLICIES, THRESHOLD_RULES
 
 from .config import (
     BACKENDS,
@@ -80,12 +80,12 @@ def option(flag: str, help: str, *, default: str | None = None, **kwargs):
     return click.option(flag, field, help=f"{help} (default {value}).", default=None, **kwargs)
 
 
-def _pair(ctx, param, value):
-    """'lo,hi' -> (lo, hi) floats."""
+def _pair(ctx, param, value, kind=float):
+    """'lo,hi' -> (lo, hi) of `kind`."""
     if value is None:
         return None
     try:
-        lo, hi = (float(v) for v in value.split(","))
+        lo, hi = (kind(v) for v in value.split(","))
     except ValueError:
         raise click.BadParameter(f"{value!r} is not two comma-separated numbers lo,hi") from None
     return lo, hi
@@ -112,6 +112,13 @@ def _pair(ctx, param, value):
 @option("--area", "area: erase the top fraction of pixels by saliency", type=float)
 @option("--size", "box / cutout: the square's side as a fraction of the crop side", type=float)
 @option("--box-center", "box: centre on the saliency peak, or sample it", type=click.Choice(BOX_CENTERS))
+@option(
+    "--threshold-rule",
+    "threshold: fixed, sigma (mean + k std of each map), range (drawn per sample)",
+    type=click.Choice(THRESHOLD_RULES),
+)
+@option("--k", "threshold-rule sigma: standard deviations above the map's mean", type=float)
+@option("--threshold-range", "threshold-rule range: thresholds drawn from U(lo, hi)", callback=_pair)
 @option("--gamma", "box sample: centres drawn with probability ∝ saliency^gamma", type=float)
 @option("--erase-scale", "erasing: area range lo,hi of RandomErasing's rectangle", callback=_pair)
 @option("--erase-ratio", "erasing: aspect-ratio range lo,hi", callback=_pair)
@@ -126,7 +133,21 @@ def _pair(ctx, param, value):
 @option("--peers", "Whose maps cut a member's images", type=click.Choice(PEER_RULES), default="self (K = 1), others")
 @option("--refresh", "How maps are refreshed", type=click.Choice(REFRESH_MODES))
 @option("--refresh-every", "Refresh every N epochs", type=int)
-@option("--warmup-epochs", "Epochs with the cold-start rule before the first refresh", type=int)
+@option("--cut-start", "No saliency cuts before this epoch (the cold-start rule before it)", type=int)
+@option(
+    "--p-ramp",
+    "Epochs E1,E2: p rises linearly from 0 at E1 to --p at E2",
+    default="none",
+    callback=lambda ctx, param, v: None if v is None else _pair(ctx, param, v, int),
+)
+@option("--pair", "Train each cut sample's clean view in the same step too", is_flag=True, default="off")
+@option(
+    "--correct-only",
+    "Use a map only where its owner classified the sample correctly (others: --cold-start)",
+    is_flag=True,
+    default="off",
+)
+@option("--diversity-loss", "SDDE penalty on the similarity of members' Grad-CAM maps, its weight", type=float)
 @option("--target", "Grad-CAM target class", type=click.Choice(TARGETS))
 @option("--backend", "Data pipeline", type=click.Choice(BACKENDS))
 @option("--skip-corrupt", "Leave out image files that fail to decode", is_flag=True, default="off")
@@ -264,24 +285,30 @@ COMPARE_VAL_SPLIT = {"fashion-mnist": 5000}
     type=click.Choice(["offline", "online", "disabled"]),
     help=f"W&B mode (default {COMPARE_DEFAULTS['wandb']}).",
 )
-@click.option("--config", "config_file", type=click.Path(), help="YAML/TOML file of training options.")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(),
+    help="YAML/TOML file of training options, and of named arms under `arms:` ({name: {option: value}}).",
+)
 @click.option("--time-budget", type=float, help="Start no new run after this many seconds (results from the rest).")
 @click.option("--progress/--no-progress", default=None)
 def compare(dataset, runs, seeds, reference, split, config_file, time_budget, p, **options):
     """Train each arm with each seed (finished runs are not repeated); write results.md/.png with paired statistics."""
-    from .compare import parse_seeds, run_all, run_overrides, summarise, write_results
+    from .compare import Arms, parse_seeds, run_all, summarise, write_results
     from .report import tqdm_progress
 
     run_names = [r.strip() for r in runs.split(",") if r.strip()]
     try:
         seed_list = parse_seeds(seeds)
+        file_values = read_config_file(config_file) if config_file else {}
+        arms = Arms.with_file(file_values.pop("arms", None), p)
         for run in run_names:
-            run_overrides(run, dataset, p)
+            arms.overrides(run, dataset)
         if reference is None:
             reference = "cutout" if "cutout" in run_names else None
         elif reference not in run_names:
             raise ConfigError(f"--reference {reference!r} is not one of the --runs ({', '.join(run_names)})")
-        file_values = read_config_file(config_file) if config_file else {}
         defaults = {**COMPARE_DEFAULTS, "val_split": COMPARE_VAL_SPLIT.get(dataset, 0)}
         base = make_config({**defaults, **file_values}, dataset=dataset, **options)
         split = split or ("val" if base.val_split else "test")
@@ -291,10 +318,10 @@ def compare(dataset, runs, seeds, reference, split, config_file, time_budget, p,
             base,
             run_names,
             seed_list,
+            arms,
             log=click.echo,
             progress=tqdm_progress(base.progress),
             time_budget=time_budget,
-            p=p,
         )
     except CorruptImage as err:
         _fail(err.message("--skip-corrupt"))
@@ -306,7 +333,7 @@ def compare(dataset, runs, seeds, reference, split, config_file, time_budget, p,
     if not results:
         _fail("no run finished, so there is nothing to report (check --runs, --seeds and --time-budget)")
     command = "gutout compare " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["compare"] else "gutout compare"
-    rows = summarise(results, base, split, reference, p)
+    rows = summarise(results, base, split, reference, arms)
     path = write_results(rows, base, Path(base.out), command, split, reference)
     click.echo(path.read_text())
     click.echo(f"wrote {path} and {path.with_suffix('.png')}")

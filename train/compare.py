@@ -12,6 +12,7 @@ import json
 import math
 import statistics
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,49 +39,79 @@ def cutout_erased_fraction(side: float) -> float:
 
 
 # The arms `compare` knows: TrainConfig overrides, and the one knob a numeric suffix sets ("cutout-0.25" is Cutout with
-# side 0.25, "gutout-area-0.1" erases the top 10 %). The baselines keep their published cut probability (Cutout:
-# every image; torchvision's RandomErasing: half); the Gutout arms take the trainer's `p`; `--p` sets every arm's.
-# Defaults: Cutout's side for the dataset; gutout-area erases the area Cutout's square covers on average, so the two
-# compare at matched erased area.
+# side 0.25, "gutout-area-0.1" erases the top 10 %). The baselines keep their published cut probability (Cutout and
+# KeepAugment's Cutout: every image; torchvision's RandomErasing: half); the Gutout arms take the trainer's `p`; `--p`
+# sets every arm's. Defaults: Cutout's side for the dataset; gutout-area erases the area Cutout's square covers on
+# average, so the two compare at matched erased area. A compare config file may name more arms (`arms:`).
 ARMS = {
     "none": (dict(policy="none"), None),
     "cutout": (dict(policy="cutout", p=1.0), "size"),
     "random-erasing": (dict(policy="erasing", p=0.5), None),
+    "keep": (dict(policy="keep", p=1.0), "size"),  # KeepAugment: Cutout's square, off the salient pixels
     "gutout-threshold": (dict(policy="threshold"), "threshold"),
+    "gutout-sigma": (dict(policy="threshold", threshold_rule="sigma"), "k"),  # MaskTune's mean + k sigma
+    "gutout-range": (dict(policy="threshold", threshold_rule="range"), None),  # WS-DAN's drawn threshold
+    "gutout-correct": (dict(policy="threshold", correct_only=True), "threshold"),  # maps of correct samples only
     "gutout-area": (dict(policy="area"), "area"),
     "gutout-box": (dict(policy="box"), "size"),
+    "diversity": (dict(policy="none", diversity_loss=0.005), "diversity_loss"),  # SDDE's weight
 }
 
 
+@dataclass(frozen=True)
+class Arms:
+    """The arms of one comparison: ARMS and the config file's, with `p` (when given) for every cutting arm."""
+
+    table: dict = field(default_factory=lambda: dict(ARMS))
+    p: float | None = None
+
+    @classmethod
+    def with_file(cls, named: dict | None, p: float | None = None) -> Arms:
+        """ARMS plus the arms a config file names ({name: {option: value}}), which take no knob."""
+        table = dict(ARMS)
+        for name, overrides in (named or {}).items():
+            if not isinstance(overrides, dict):
+                raise ConfigError(f"arm {name!r} must map option names to values, got {overrides!r}")
+            table[name] = ({k.replace("-", "_"): v for k, v in overrides.items()}, None)
+        return cls(table, p)
+
+    def overrides(self, run: str, dataset: str) -> dict[str, Any]:
+        """The TrainConfig overrides of arm `run` (a name, optionally with "-<knob value>")."""
+        name, knob_value = run, None
+        if run not in self.table and "-" in run:
+            head, tail = run.rsplit("-", 1)
+            try:
+                name, knob_value = head, float(tail)
+            except ValueError:
+                pass
+        if name not in self.table:
+            raise ConfigError(
+                f"unknown comparison run {run!r}; runs: {', '.join(self.table)} "
+                "(those with a knob take a value too: cutout-0.25, gutout-area-0.1)"
+            )
+        overrides, knob = self.table[name]
+        overrides = dict(overrides)
+        size = CUTOUT_SIZE[dataset]
+        if overrides.get("policy") in ("cutout", "box", "keep"):
+            overrides.setdefault("size", size)
+        if overrides.get("policy") == "area":
+            overrides.setdefault("area", cutout_erased_fraction(size))  # Cutout's erased area
+        if knob_value is not None:
+            if knob is None:
+                raise ConfigError(f"comparison run {name!r} takes no value, got {run!r}")
+            overrides[knob] = knob_value
+        if self.p is not None and overrides.get("policy", "none") != "none":
+            overrides["p"] = self.p
+        return overrides
+
+    def config(self, base: TrainConfig, run: str, seed: int) -> TrainConfig:
+        name = f"{base.dataset}-{run}-k{base.ensemble}-s{seed}"
+        return dataclasses.replace(base, **self.overrides(run, base.dataset), seed=seed, name=name)
+
+
 def run_overrides(run: str, dataset: str, p: float | None = None) -> dict[str, Any]:
-    """The TrainConfig overrides of arm `run` (a name of ARMS, optionally with "-<knob value>"); `p`, when given,
-    replaces every cutting arm's probability."""
-    name, knob_value = run, None
-    if run not in ARMS and "-" in run:
-        head, tail = run.rsplit("-", 1)
-        try:
-            name, knob_value = head, float(tail)
-        except ValueError:
-            pass
-    if name not in ARMS:
-        raise ConfigError(
-            f"unknown comparison run {run!r}; runs: {', '.join(ARMS)} "
-            "(those with a knob take a value too: cutout-0.25, gutout-area-0.1)"
-        )
-    overrides, knob = ARMS[name]
-    size = CUTOUT_SIZE[dataset]
-    overrides = dict(overrides)
-    if overrides["policy"] in ("cutout", "box"):
-        overrides["size"] = size
-    if overrides["policy"] == "area":
-        overrides["area"] = cutout_erased_fraction(size)  # Cutout's erased area
-    if knob_value is not None:
-        if knob is None:
-            raise ConfigError(f"comparison run {name!r} takes no value, got {run!r}")
-        overrides[knob] = knob_value
-    if p is not None and overrides["policy"] != "none":
-        overrides["p"] = p
-    return overrides
+    """The TrainConfig overrides of a built-in arm (see ARMS)."""
+    return Arms(p=p).overrides(run, dataset)
 
 
 def parse_seeds(text: str | int) -> list[int]:
@@ -101,12 +132,6 @@ def parse_seeds(text: str | int) -> list[int]:
     if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
         raise ConfigError(f"--seeds {text!r} must be a count (5), a range (10-14) or a list of distinct seeds (3,7,9)")
     return seeds
-
-
-def run_config(base: TrainConfig, run: str, seed: int, p: float | None = None) -> TrainConfig:
-    overrides = run_overrides(run, base.dataset, p)
-    name = f"{base.dataset}-{run}-k{base.ensemble}-s{seed}"
-    return dataclasses.replace(base, **overrides, seed=seed, name=name)
 
 
 def check_same_run(cfg: TrainConfig) -> None:
@@ -136,10 +161,10 @@ def run_all(
     base: TrainConfig,
     runs: list[str],
     seeds: list[int],
+    arms: Arms | None = None,
     log=print,
     progress=None,
     time_budget: float | None = None,
-    p: float | None = None,
 ) -> dict[str, dict[int, dict]]:
     """Train what is missing (resuming interrupted runs); returns {run: {seed: final record}}.
 
@@ -148,11 +173,12 @@ def run_all(
     """
     from .trainer import Trainer
 
+    arms = arms or Arms()
     start = time.monotonic()
     results: dict[str, dict[int, dict]] = {run: {} for run in runs}
     for seed in seeds:
         for run in runs:
-            cfg = run_config(base, run, seed, p)
+            cfg = arms.config(base, run, seed)
             record = finished(cfg)
             if record is None:
                 if time_budget is not None and time.monotonic() - start > time_budget:
@@ -212,7 +238,7 @@ def row_values(record: dict, split: str, ensemble: int) -> dict[str, float]:
 
 
 def summarise(
-    results: dict[str, dict[int, dict]], base: TrainConfig, split: str, reference: str | None, p: float | None = None
+    results: dict[str, dict[int, dict]], base: TrainConfig, split: str, reference: str | None, arms: Arms | None = None
 ) -> list[dict]:
     """One row per run: its cut probability, an Estimate (mean ± s.e. over seeds) per column, and the paired
     difference of its error to the reference run's over the seeds both have."""
@@ -222,7 +248,7 @@ def summarise(
     }
     rows = []
     for run, seeds in per_seed.items():
-        row: dict[str, Any] = {"run": run, "seeds": sorted(seeds), "p": run_config(base, run, 0, p).p}
+        row: dict[str, Any] = {"run": run, "seeds": sorted(seeds), "p": (arms or Arms()).config(base, run, 0).p}
         for key in seeds[next(iter(seeds))]:
             row[key] = estimate([values[key] for values in seeds.values()])
         if reference is not None and reference in per_seed and run != reference:

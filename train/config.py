@@ -68,7 +68,19 @@ class TrainConfig(CutConfig):
     peers: str | None = None  # None: "self" for K = 1, "others" for K > 1
     refresh: str = "pass"  # "pass": Grad-CAM over the training set after the epoch; "harvest": from its forward
     refresh_every: int = 1
-    warmup_epochs: int = 1  # epochs trained with the cold-start rule before the first refresh
+    # No saliency cuts before epoch `cut_start`: the first maps are computed at its start, and the epochs before it
+    # follow the cold-start rule (Cutout of the same area, or nothing). 0: maps of the untrained model from epoch 0.
+    cut_start: int = 1
+    # (E1, E2): the cut probability rises linearly from 0 at epoch E1 to `p` at E2; nothing is cut before E1.
+    p_ramp: tuple[int, int] | None = None
+    # Train every cut sample's clean view in the same step too (the batch holds both: more compute per step).
+    pair: bool = False
+    # Use a map only where its owner classified the sample correctly when the map was made; the other samples
+    # follow the cold-start rule, as samples without a map do.
+    correct_only: bool = False
+    # λ of the SDDE penalty: λ x the mean cosine similarity of a member's true-class CAM and its peers' on its batch
+    # (train/diversity.py). 0: none. Ensembles (K >= 2) in one process.
+    diversity_loss: float = 0.0
     target: str = "label"  # Grad-CAM target: the true label, or "pred"
     backend: str = LoaderConfig.backend
     skip_corrupt: bool = False  # image folders: decode every file once and leave out those that fail
@@ -116,7 +128,7 @@ class TrainConfig(CutConfig):
             refresh_every=1,
             eval_batch_size=1,
             num_threads=0,
-            warmup_epochs=0,
+            cut_start=0,
             sample_grid=0,
             val_split=0,
         )
@@ -137,6 +149,11 @@ class TrainConfig(CutConfig):
             raise ConfigError(
                 f"{name}.width={self.width!r} applies to the CIFAR-style models ({nets}), not {self.model_name!r}"
             )
+        if self.p_ramp is not None and not 0 <= self.p_ramp[0] < self.p_ramp[1]:
+            raise ConfigError(f"{name}.p_ramp={self.p_ramp!r} must be two epochs E1 < E2, E1 >= 0")
+        check_range(name, "diversity_loss", self.diversity_loss, 0.0, 100.0)
+        if self.diversity_loss > 0 and self.ensemble < 2:
+            raise ConfigError(f"{name}.diversity_loss={self.diversity_loss!r} needs --ensemble >= 2 (a member's peers)")
         check_range(name, "lr", self.lr, 0.0, 100.0, lo_open=True)
         check_range(name, "momentum", self.momentum, 0.0, 1.0)
         check_range(name, "weight_decay", self.weight_decay, 0.0, 1.0)
@@ -159,6 +176,13 @@ class TrainConfig(CutConfig):
     @property
     def model_name(self) -> str:
         return self.model if self.model is not None else self.spec.default_model
+
+    def p_at(self, epoch: int) -> float:
+        """The cut probability of `epoch`: `p`, or its share of the linear ramp."""
+        if self.p_ramp is None:
+            return self.p
+        start, end = self.p_ramp
+        return self.p * min(max((epoch - start) / (end - start), 0.0), 1.0)
 
     @property
     def run_name(self) -> str:

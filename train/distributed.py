@@ -145,12 +145,13 @@ class Runtime:
         """All-gather the entries each rank wrote since the last publish; returns the bytes this rank received."""
         if not self.distributed:
             return 0
-        members, indices, maps = cache.dirty_entries()
+        members, indices, maps, usable = cache.dirty_entries()
         h, w = cache.map_size
-        # One row per entry: (member, index) as two float16-safe int16 pairs would overflow; ship ids as int64.
-        ids = self.all_gather_rows(torch.stack([members, indices], dim=1).to(torch.int64))  # (n, 2)
+        # One row per entry: (member, index, usable); indices overflow float16 and int16, so ship them as int64.
+        rows = torch.stack([members, indices, usable.long()], dim=1).to(torch.int64)
+        ids = self.all_gather_rows(rows)  # (n, 3)
         gathered = self.all_gather_rows(maps.reshape(-1, h * w))  # (n, h * w) float16
-        cache.write_entries(ids[:, 0], ids[:, 1], gathered.view(-1, h, w))
+        cache.write_entries(ids[:, 0], ids[:, 1], gathered.view(-1, h, w), usable=ids[:, 2].bool())
         return int(gathered.numel() * gathered.element_size() + ids.numel() * ids.element_size())
 
     def close(self) -> None:

@@ -16,12 +16,14 @@ import torch
 import torch.nn.functional as F
 
 from gutout import ActivationCapture, SaliencyCache, StageConfig, cam_from_activations, warp_to_canonical
+from gutout.config import ConfigError
 from gutout.pipelines.loader import resolve_backend
 
 from . import checkpoint, figures
 from .config import TrainConfig
 from .data import load_splits, loader_config
 from .distributed import Runtime, plan_layout, resolve_device
+from .diversity import class_cams, peer_cams, similarity
 from .evaluation import Evaluator
 from .members import NonFiniteLoss, build_member, check_finite, epoch_record, new_model, probe_layer
 from .report import NoProgress, epoch_line
@@ -41,6 +43,11 @@ class Trainer:
         self.device = resolve_device(cfg.device, self.runtime.local_rank)
         self.runtime.start(self.device)
         self.layout = plan_layout(cfg.ensemble, self.runtime.world, self.runtime.rank)
+        if cfg.diversity_loss > 0 and self.runtime.distributed:
+            raise ConfigError(
+                "--diversity-loss needs every member in one process (each member's step reads its "
+                "peers' maps of the same batch); drop --nproc"
+            )
         self.runtime.member_groups(self.layout, cfg.ensemble)
         self.amp = cfg.amp and self.device.type == "cuda"
         self.train_set, self.val_set, self.test_set = load_splits(cfg)
@@ -126,7 +133,7 @@ class Trainer:
         cfg = self.cfg
         if not cfg.needs_maps or boundary >= cfg.epochs:
             return False  # baselines read no maps; after the last epoch nobody would read them
-        return boundary >= cfg.warmup_epochs and (boundary - cfg.warmup_epochs) % cfg.refresh_every == 0
+        return boundary >= cfg.cut_start and (boundary - cfg.cut_start) % cfg.refresh_every == 0
 
     def refresh(self, epoch: int) -> tuple[float, int]:
         """Publish fresh maps for the next epoch: this rank's members on this rank's shard, then the entries of every
@@ -135,7 +142,13 @@ class Trainer:
         if self.cfg.refresh == "pass":
             for member in self.members:
                 with self._autocast():
-                    member.loader.refresh(member.net, self.layer, publish=False, batch_size=self.cfg.eval_batch_size)
+                    member.loader.refresh(
+                        member.net,
+                        self.layer,
+                        publish=False,
+                        batch_size=self.cfg.eval_batch_size,
+                        correct_only=self.cfg.correct_only,
+                    )
         received = self.runtime.sync_cache(self.cache)
         self.cache.publish(epoch)
         return time.perf_counter() - start, received
@@ -160,18 +173,24 @@ class Trainer:
     def _harvest(self, member, activations, logits, batch) -> None:
         """Harvest mode: this step's CAM (closed form from the forward's activations), back in the canonical frame,
         written where the crop saw the image."""
-        targets = batch.labels if self.cfg.target == "label" else logits.detach().argmax(-1)  # (B,)
+        predictions = logits.detach().argmax(-1)  # (B,)
+        targets = batch.labels if self.cfg.target == "label" else predictions
         cams = cam_from_activations(activations, member.net.fc.weight, targets)  # (B, h', w')
         maps, covered = warp_to_canonical(cams, batch.windows, batch.flips, self.map_size)
-        self.cache.update(member.index, batch.indices, maps, covered=covered)
+        usable = predictions == batch.labels if self.cfg.correct_only else None
+        self.cache.update(member.index, batch.indices, maps, covered=covered, usable=usable)
 
     def train_epoch(self, epoch: int, progress) -> dict:
         cfg, harvest = self.cfg, self._harvesting()
+        stage = dataclasses.replace(
+            self.stage_config, cut=dataclasses.replace(self.stage_config.cut, p=cfg.p_at(epoch))
+        )
         for member in self.members:
             member.loader.set_epoch(epoch)
+            member.loader.stage.config = stage  # this epoch's cut probability (a ramp, or `p` throughout)
             member.loader.stats.reset()
             member.model.train()
-        iterators = [member.loader.batches() for member in self.members]
+        iterators = [member.loader.batches(keep_clean=cfg.pair) for member in self.members]
         # Shards may differ by a sample, hence by a batch: every rank stops at the shortest (DDP needs lockstep).
         steps = self.runtime.all_min(len(self.members[0].loader), self.device)
         images_seen, wait, harvest_time, losses = 0, 0.0, 0.0, []
@@ -183,21 +202,9 @@ class Trainer:
                 fetch = time.perf_counter()
                 batch = next(iterator)
                 wait += time.perf_counter() - fetch
-                images = batch.images.contiguous(memory_format=torch.channels_last) if self.amp else batch.images
-                capture = ActivationCapture(member.net, self.layer) if harvest else nullcontext()
-                with self._autocast(), capture:
-                    logits = member.model(images)
-                    loss = F.cross_entropy(logits.float(), batch.labels, label_smoothing=cfg.label_smoothing)
-                member.optimizer.zero_grad(set_to_none=True)
-                member.scaler.scale(loss).backward()
-                member.scaler.step(member.optimizer)
-                member.scaler.update()
-                member.scheduler.step()
-                if harvest:
-                    mark = time.perf_counter()
-                    self._harvest(member, capture.activations, logits, batch)
-                    harvest_time += time.perf_counter() - mark
-                images_seen += len(batch.labels)
+                loss, forwarded, harvest_s = self._step(member, batch, harvest)
+                images_seen += forwarded
+                harvest_time += harvest_s
                 losses.append(loss.detach())
                 bar.update(1)
             if (step + 1) % check_every == 0 or step + 1 == steps:
@@ -214,6 +221,38 @@ class Trainer:
         if harvest:
             record["time/harvest_ms_per_step"] = 1e3 * harvest_time / (steps * len(self.members))
         return record
+
+    def _step(self, member, batch, harvest: bool) -> tuple[torch.Tensor, int, float]:
+        """One optimiser step of `member` on `batch`, with the cut samples' clean views joined (--pair), the
+        diversity penalty added (--diversity-loss), and maps harvested, as configured. Returns (the loss, images
+        forwarded, seconds spent harvesting)."""
+        cfg, diverse = self.cfg, self.cfg.diversity_loss > 0
+        images, labels = batch.images, batch.labels
+        if cfg.pair:  # every cut sample's clean view joins the step
+            was_cut = member.loader.stats.last > 0  # (B,) erased fraction of this batch
+            images, labels = torch.cat([images, batch.clean[was_cut]]), torch.cat([labels, labels[was_cut]])
+        if self.amp:
+            images = images.contiguous(memory_format=torch.channels_last)
+        capture = ActivationCapture(member.net, self.layer, keep_graph=diverse) if harvest or diverse else nullcontext()
+        with self._autocast(), capture:
+            logits = member.model(images)
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
+            if diverse:  # every member is on this process (checked at start)
+                peers = peer_cams([m.net for m in self.members if m is not member], self.layer, images, labels)
+                own = class_cams(capture.activations, member.net.fc.weight, labels)
+                loss = loss + cfg.diversity_loss * similarity(own, peers)
+        member.optimizer.zero_grad(set_to_none=True)
+        member.scaler.scale(loss).backward()
+        member.scaler.step(member.optimizer)
+        member.scaler.update()
+        member.scheduler.step()
+        harvest_s = 0.0
+        if harvest:
+            mark = time.perf_counter()
+            views = slice(0, len(batch.labels))  # the maps of the training views, not of the clean pairs
+            self._harvest(member, capture.activations[views].detach(), logits[views], batch)
+            harvest_s = time.perf_counter() - mark
+        return loss, len(labels), harvest_s
 
     # -- evaluation --------------------------------------------------------------------------------------
 

@@ -1,0 +1,167 @@
+"""The study's training variants: the cut schedule (--cut-start, --p-ramp), clean pairs (--pair), maps of
+correctly classified samples only (--correct-only) and the loss-space rival (--diversity-loss). The pixel-level
+variants (threshold rules, keep) are kernel cases (tests/conftest.py) and in tests/test_cut.py."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+
+from gutout import ActivationCapture, SaliencyCache
+from gutout.pipelines import GutoutLoader
+from gutout.train.cli import main
+from gutout.train.config import make_config
+from gutout.train.diversity import class_cams, similarity
+from gutout.train.models import build_model
+from gutout.train.trainer import Trainer
+from tests.conftest import fake_fashion_mnist, small_run
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return fake_fashion_mnist(tmp_path_factory.mktemp("fmnist"), n_train=192, n_test=64)
+
+
+small = small_run
+
+
+def records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def untimed(record):
+    return {k: v for k, v in record.items() if not k.startswith(("time/", "throughput/"))}
+
+
+def test_p_ramp_and_cut_start():
+    cfg = make_config(p=0.8, p_ramp=(2, 6))
+    assert [round(cfg.p_at(e), 3) for e in range(8)] == [0.0, 0.0, 0.0, 0.2, 0.4, 0.6, 0.8, 0.8]
+    assert make_config(p=0.8).p_at(3) == 0.8
+    with pytest.raises(ValueError, match="p_ramp=\\(3, 3\\)"):
+        make_config(p_ramp=(3, 3))
+    cfg = make_config(cut_start=3, epochs=6)
+    trainer_like = type("T", (), {"cfg": cfg})()
+    due = [Trainer._refresh_due(trainer_like, b) for b in range(6)]
+    assert due == [False, False, False, True, True, True]  # the first maps are made for epoch 3
+
+
+def test_a_ramped_run_cuts_nothing_before_the_ramp(data, tmp_path):
+    cfg = small(data, tmp_path, policy="cutout", p=1.0, p_ramp=(1, 2), epochs=3, name="ramp")
+    Trainer(cfg, log=lambda *a: None).run()
+    erased = [r["gutout/erased_frac"] for r in records(tmp_path / "ramp")]
+    assert erased[0] == 0 and erased[1] == 0 and erased[2] > 0.1  # p = 0, 0, then 1
+
+
+def test_pair_trains_each_cut_sample_twice_in_its_step(data, tmp_path):
+    cfg = small(data, tmp_path, policy="cutout", p=0.5, pair=True, epochs=1)
+    trainer = Trainer(cfg, log=lambda *a: None)
+    member = trainer.members[0]
+    member.loader.set_epoch(0)
+    batch = next(member.loader.batches(keep_clean=True))
+    cut = int((member.loader.stats.last > 0).sum())
+    assert 0 < cut < len(batch.labels) and not torch.equal(batch.clean, batch.images)
+    _, forwarded, _ = trainer._step(member, batch, harvest=False)
+    assert forwarded == len(batch.labels) + cut
+
+
+def test_diversity_penalty_gradient_is_right():
+    g = torch.Generator().manual_seed(0)
+    activations = torch.rand(3, 4, 2, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([0, 3, 4])
+    peers = [torch.rand(3, 4, generator=g, dtype=torch.float64) for _ in range(2)]
+    penalty = lambda a, w: similarity(class_cams(a, w, targets).double(), peers)  # noqa: E731
+    assert torch.autograd.gradcheck(penalty, (activations, weight), eps=1e-6, atol=1e-6)
+    with torch.no_grad():
+        positive = class_cams(activations, weight.abs(), targets)  # no map is all zero here
+        assert float(similarity(positive, [positive])) == pytest.approx(1.0)  # a map is fully similar to itself
+        assert float(similarity(positive, [torch.zeros_like(positive)])) == 0.0  # and to nothing, not at all
+
+
+def test_diversity_loss_zero_is_todays_run_and_positive_changes_it(data, tmp_path):
+    base = dict(ensemble=2, policy="none")
+    plain = small(data, tmp_path, name="plain", **base)
+    zero = small(data, tmp_path, name="zero", diversity_loss=0.0, **base)
+    some = small(data, tmp_path, name="some", diversity_loss=1.0, **base)
+    for cfg in (plain, zero, some):
+        Trainer(cfg, log=lambda *a: None).run()
+    assert [untimed(r) for r in records(tmp_path / "plain")] == [untimed(r) for r in records(tmp_path / "zero")]
+    assert records(tmp_path / "some")[-1]["test/member/0/nll"] != records(tmp_path / "plain")[-1]["test/member/0/nll"]
+
+
+def test_diversity_loss_options_are_checked(data, tmp_path):
+    with pytest.raises(ValueError, match="diversity_loss=0.5 needs --ensemble >= 2"):
+        make_config(diversity_loss=0.5)
+    args = ["train", "fashion-mnist", "--data", str(data), "--out", str(tmp_path), "--diversity-loss", "-1"]
+    result = CliRunner().invoke(main, [*args, "--ensemble", "2"])
+    assert result.exit_code != 0 and "diversity_loss=-1.0" in result.output
+
+
+def test_compare_runs_named_arms_from_its_config_file(data, tmp_path):
+    config = tmp_path / "arms.yaml"
+    config.write_text("epochs: 1\narms:\n  cutout-pair: {policy: cutout, p: 1.0, pair: true}\n")
+    runs = "none,cutout-pair,keep-0.3,gutout-sigma-1.0"
+    options = "--seeds 1 --subset 64 --val-split 64 --batch-size 32 --no-progress --reference none".split()
+    args = ["compare", "fashion-mnist", "--data", str(data), *options, "--out", str(tmp_path / "c")]
+    result = CliRunner().invoke(main, [*args, "--runs", runs, "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "c" / "results.md").read_text()
+    for row in ("| cutout-pair | 1 | 0 |", "| keep-0.3 | 1 | 0 |", "| gutout-sigma-1.0 | 0.5 | 0 |"):
+        assert row in text, text
+    pair = records(tmp_path / "c" / "fashion-mnist-cutout-pair-k1-s0")[-1]
+    plain = records(tmp_path / "c" / "fashion-mnist-none-k1-s0")[-1]
+    assert pair["time/train_s"] > 0 and plain["gutout/erased_frac"] == 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("arms:\n  broken: 3\n")
+    result = CliRunner().invoke(main, [*args, "--config", str(bad), "--runs", "broken"])
+    assert result.exit_code != 0 and "arm 'broken' must map option names to values" in result.output
+
+
+def test_unusable_entries_read_as_missing_and_travel_between_processes():
+    cache = SaliencyCache(1, 4, (2, 2))
+    cache.update(0, torch.arange(4), torch.ones(4, 2, 2), usable=torch.tensor([True, False, True, False]))
+    members, indices, maps, usable = cache.dirty_entries()
+    assert usable.tolist() == [True, False, True, False]
+    cache.publish(0)
+    assert cache.lookup(0, torch.arange(4))[1].tolist() == [True, False, True, False]
+    other = SaliencyCache(1, 4, (2, 2))  # another rank: receives the gathered entries
+    other.write_entries(members, indices, maps, usable=usable)
+    other.publish(0)
+    assert torch.equal(other.valid, cache.valid)
+
+
+def test_correct_only_keeps_the_maps_of_samples_the_owner_got_right():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (40, 16, 16), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 3, (40,), generator=g)
+    torch.manual_seed(0)
+    net = build_model("small-resnet", 3, 1)
+    cache = SaliencyCache(1, 40, (2, 2))
+    loader = GutoutLoader.from_arrays(images, labels, classes=("a", "b", "c"), cache=cache, backend="tensor")
+    loader.refresh(net, correct_only=True)
+    right = torch.zeros(40, dtype=torch.bool)
+    with torch.no_grad():
+        net.eval()
+        for batch in loader.view("refresh"):
+            right[batch.indices] = net(batch.images).argmax(1) == batch.labels
+    assert 0 < int(right.sum()) < 40  # an untrained net: some right, some wrong
+    assert torch.equal(cache.valid[0], right)
+    loader.refresh(net)  # without the option every map is usable
+    assert bool(cache.valid.all())
+
+
+def test_correct_only_harvest_marks_the_misclassified_views(data, tmp_path):
+    cfg = small(data, tmp_path, policy="threshold", refresh="harvest", correct_only=True, epochs=1)
+    trainer = Trainer(cfg, log=lambda *a: None)
+    member = trainer.members[0]
+    member.loader.set_epoch(0)
+    batch = next(member.loader.batches())
+    with ActivationCapture(member.net, trainer.layer) as capture:
+        member.net(batch.images)
+    wrong = torch.arange(len(batch.labels)) % 2 == 1  # logits that get every other sample wrong
+    logits = F.one_hot(torch.where(wrong, (batch.labels + 1) % 10, batch.labels), 10).float()
+    trainer._harvest(member, capture.activations, logits, batch)
+    trainer.cache.publish(0)
+    assert trainer.cache.lookup(0, batch.indices)[1].tolist() == (~wrong).tolist()

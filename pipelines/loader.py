@@ -27,6 +27,7 @@ from gutout.cut import CutConfig
 
 from .batch import Batch, BatchSource, HostNormalisingSource, LoaderConfig
 from .datasets import ArrayDataset, DatasetError, FolderDataset, class_labels, load_folder
+from .statistics import resolve_stats
 
 _LOADER_KEYS = {f.name for f in dataclasses.fields(LoaderConfig)}
 _CUT_KEYS = {f.name for f in dataclasses.fields(CutConfig)}
@@ -171,21 +172,39 @@ class GutoutLoader:
         publish: bool = True,
         batch_size: int | None = None,
         correct_only: bool = False,
+        part: tuple[int, int] | None = None,
     ) -> None:
-        """Grad-CAM of `model` at the true labels over the whole dataset (refresh view: the canonical frame),
-        written into the cache as this loader's member and published. With `correct_only`, the maps of samples
-        the model misclassifies are stored as unusable: readers treat those samples as having no map."""
+        """Grad-CAM of `model` at the true labels over the dataset (refresh view: the canonical frame), written
+        into the cache as this loader's member and published. With `correct_only`, the maps of samples the model
+        misclassifies are stored as unusable: readers treat those samples as having no map. `part=(i, n)`
+        refreshes only the samples at positions i, i + n, i + 2n, ...; the others keep their maps."""
         if self.cache is None:
             raise ValueError("refresh() needs a SaliencyCache: build the loader with cache=")
         cam = GradCAM(model, layer, target=self.cache.target if self.cache.target in ("label", "pred") else "label")
-        for batch in self.view("refresh", batch_size):
+        positions, dataset, config = self._refresh_samples(part, batch_size)
+        for batch in make_source(dataset, "refresh", config):
             maps = cam(batch.images, batch.labels)  # (B, h, w)
             usable = cam.last_predictions == batch.labels if correct_only else None  # (B,)
-            self.cache.update(self.member, batch.indices, fit_map_size(maps, self.cache.map_size), usable=usable)
+            indices = batch.indices if positions is None else positions[batch.indices.cpu()]
+            self.cache.update(self.member, indices, fit_map_size(maps, self.cache.map_size), usable=usable)
         if self.cache.layer is None:
             self.cache.layer = cam.layer_name
         if publish:
             self.cache.publish()
+
+    def _refresh_samples(self, part: tuple[int, int] | None, batch_size: int | None):
+        """(positions of the refreshed samples in the dataset or None for all, the dataset they form, its config)."""
+        config = self.config if batch_size is None else dataclasses.replace(self.config, batch_size=batch_size)
+        if part is None:
+            return None, self.dataset, config
+        index, parts = part
+        if not 0 <= index < parts:
+            raise ValueError(f"refresh part {index} of {parts}: the index must lie in [0, {parts})")
+        positions = torch.arange(index, len(self.dataset), parts)
+        # The part's images normalised as the whole dataset's (statistics measured on a subset would differ).
+        mean, std = resolve_stats(self.dataset, self.config)
+        config = dataclasses.replace(config, mean=mean, std=std)
+        return positions, self.dataset.subset(positions, tag=f"refresh part {index} of {parts}"), config
 
 
 def fit_map_size(maps: torch.Tensor, map_size: tuple[int, int]) -> torch.Tensor:

@@ -3,6 +3,7 @@ temperature scaling, and the options that set them."""
 
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -89,7 +90,9 @@ def test_train_with_a_validation_split_reads_the_test_set_once(data, tmp_path):
         "--name",
         "v",
     ]
+    started = time.perf_counter()
     result = CliRunner().invoke(main, args)
+    wall = time.perf_counter() - started
     assert result.exit_code == 0, result.output
     assert (
         "(256 train / 128 val / 200 test)" in result.output
@@ -111,6 +114,12 @@ def test_train_with_a_validation_split_reads_the_test_set_once(data, tmp_path):
             assert f"{split}/{key}" in last, f"{split}/{key}"
     assert last["val/ensemble/nll_ts"] <= last["val/ensemble/nll"] + 1e-9
     assert last["time/run_s"] == pytest.approx(sum(r["time/epoch_s"] for r in records))
+    parts = ("train_s", "refresh_s", "eval_s", "checkpoint_s", "other_s")
+    for record in records:  # the parts add up to the epoch and none overlaps another (no negative rest)
+        assert record["time/epoch_s"] == pytest.approx(sum(record[f"time/{part}"] for part in parts))
+        assert record["time/other_s"] >= 0 and record["time/eval_s"] > 0
+    assert records[0]["time/checkpoint_s"] == 0 < records[1]["time/checkpoint_s"]  # epoch 0's write is epoch 1's
+    assert last["time/run_s"] < wall  # the epochs' windows lie inside the run, one after another
 
 
 @pytest.mark.parametrize(

@@ -165,3 +165,40 @@ def test_correct_only_harvest_marks_the_misclassified_views(data, tmp_path):
     trainer._harvest(member, capture.activations, logits, batch)
     trainer.cache.publish(0)
     assert trainer.cache.lookup(0, batch.indices)[1].tolist() == (~wrong).tolist()
+
+
+def test_a_refresh_part_writes_its_samples_as_a_full_refresh_would():
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (50, 16, 16), dtype=torch.uint8, generator=g)
+    images[:20] //= 4  # a darker first part: statistics measured on a part would differ from the whole's
+    labels = torch.randint(0, 3, (50,), generator=g)
+    torch.manual_seed(0)
+    net = build_model("small-resnet", 3, 1)
+    full, partial = SaliencyCache(1, 50, (4, 4)), SaliencyCache(1, 50, (4, 4))
+    for cache, part in ((full, None), (partial, (1, 3))):
+        loader = GutoutLoader.from_arrays(images, labels, cache=cache, backend="tensor", batch_size=16)
+        loader.refresh(net, publish=False, part=part)
+    members, indices, maps, _ = partial.dirty_entries()
+    assert indices.tolist() == list(range(1, 50, 3))  # positions 1, 4, 7, ...: the part and nothing else
+    assert torch.allclose(maps.float(), full.dirty_entries()[2][indices].float(), atol=2e-3)
+    with pytest.raises(ValueError, match="refresh part 3 of 3"):
+        loader.refresh(net, part=(3, 3))
+
+
+def test_refresh_fraction_takes_the_parts_in_turn_after_one_full_refresh():
+    cfg = make_config(refresh_fraction=0.5, cut_start=1, refresh_every=1)
+    trainer_like = type("T", (), {"cfg": cfg})()
+    parts = [Trainer._refresh_part(trainer_like, b) for b in range(1, 6)]
+    assert parts == [None, (0, 2), (1, 2), (0, 2), (1, 2)]
+    assert cfg.refresh_parts == 2 and make_config().refresh_parts == 1
+    with pytest.raises(ValueError, match="refresh_fraction=0.3 must be 1/N"):
+        make_config(refresh_fraction=0.3)
+    with pytest.raises(ValueError, match="refresh_fraction applies to refresh 'pass', not 'harvest'"):
+        make_config(refresh_fraction=0.5, refresh="harvest")
+
+
+def test_a_fractional_refresh_run_keeps_every_map(data, tmp_path):
+    cfg = small(data, tmp_path, policy="threshold", refresh_fraction=0.5, epochs=3, cut_start=0)
+    trainer = Trainer(cfg, log=lambda *a: None)
+    trainer.run()
+    assert bool(trainer.cache.valid.all())  # the first refresh covered every sample; the parts kept them

@@ -133,6 +133,9 @@ def _pair(ctx, param, value, kind=float):
 @option("--peers", "Whose maps cut a member's images", type=click.Choice(PEER_RULES), default="self (K = 1), others")
 @option("--refresh", "How maps are refreshed", type=click.Choice(REFRESH_MODES))
 @option("--refresh-every", "Refresh every N epochs", type=int)
+@option(
+    "--refresh-fraction", "Each refresh pass after the first covers this fraction of the samples, in turn", type=float
+)
 @option("--cut-start", "No saliency cuts before this epoch (the cold-start rule before it)", type=int)
 @option(
     "--p-ramp",

@@ -68,6 +68,9 @@ class TrainConfig(CutConfig):
     peers: str | None = None  # None: "self" for K = 1, "others" for K > 1
     refresh: str = "pass"  # "pass": Grad-CAM over the training set after the epoch; "harvest": from its forward
     refresh_every: int = 1
+    # Each refresh pass after the first covers this fraction of the samples, in turn (1/F must be a whole number):
+    # a map is at most 1/F refreshes old, and a pass costs F of a full one.
+    refresh_fraction: float = 1.0
     # No saliency cuts before epoch `cut_start`: the first maps are computed at its start, and the epochs before it
     # follow the cold-start rule (Cutout of the same area, or nothing). 0: maps of the untrained model from epoch 0.
     cut_start: int = 1
@@ -151,6 +154,11 @@ class TrainConfig(CutConfig):
             )
         if self.p_ramp is not None and not 0 <= self.p_ramp[0] < self.p_ramp[1]:
             raise ConfigError(f"{name}.p_ramp={self.p_ramp!r} must be two epochs E1 < E2, E1 >= 0")
+        check_range(name, "refresh_fraction", self.refresh_fraction, 0.0, 1.0, lo_open=True)
+        if abs(self.refresh_parts * self.refresh_fraction - 1) > 1e-9:
+            raise ConfigError(f"{name}.refresh_fraction={self.refresh_fraction!r} must be 1/N for a whole N (0.25)")
+        if self.refresh_fraction < 1 and self.refresh != "pass":
+            raise ConfigError(f"{name}.refresh_fraction applies to refresh 'pass', not {self.refresh!r}")
         check_range(name, "diversity_loss", self.diversity_loss, 0.0, 100.0)
         if self.diversity_loss > 0 and self.ensemble < 2:
             raise ConfigError(f"{name}.diversity_loss={self.diversity_loss!r} needs --ensemble >= 2 (a member's peers)")
@@ -163,6 +171,11 @@ class TrainConfig(CutConfig):
             raise ConfigError(f"dataset {self.dataset!r} needs --data PATH")
 
     # -- derived values ------------------------------------------------------------------------------
+
+    @property
+    def refresh_parts(self) -> int:
+        """How many refreshes cover every sample once (1 / refresh_fraction)."""
+        return max(1, round(1 / self.refresh_fraction))
 
     @property
     def peer_rule(self) -> str:

@@ -98,6 +98,10 @@ class Trainer:
         self.history: list[dict] = []
         self.start_epoch = 0
         self.checkpointed_epoch: int | None = None  # the last epoch whose checkpoint is complete on disk
+        # An epoch's wall time runs from the previous epoch's last metric to its own, so the previous epoch's
+        # logging and checkpoint count in it: these carry that boundary across (None: the run's first epoch here).
+        self._boundary: float | None = None
+        self._checkpoint_s = 0.0
 
     # -- checkpoints -------------------------------------------------------------------------------------
 
@@ -135,6 +139,15 @@ class Trainer:
             return False  # baselines read no maps; after the last epoch nobody would read them
         return boundary >= cfg.cut_start and (boundary - cfg.cut_start) % cfg.refresh_every == 0
 
+    def _refresh_part(self, boundary: int) -> tuple[int, int] | None:
+        """Which part of the samples the refresh at `boundary` covers ((index, parts), or None: all of them). The
+        first refresh covers every sample; the later ones take the parts in turn (--refresh-fraction)."""
+        cfg = self.cfg
+        done = (boundary - cfg.cut_start) // cfg.refresh_every  # refreshes before this one
+        if cfg.refresh_parts == 1 or done == 0:
+            return None
+        return (done - 1) % cfg.refresh_parts, cfg.refresh_parts
+
     def refresh(self, epoch: int) -> tuple[float, int]:
         """Publish fresh maps for the next epoch: this rank's members on this rank's shard, then the entries of every
         rank all-gathered. Returns (seconds spent, bytes this rank received)."""
@@ -148,6 +161,7 @@ class Trainer:
                         publish=False,
                         batch_size=self.cfg.eval_batch_size,
                         correct_only=self.cfg.correct_only,
+                        part=self._refresh_part(epoch + 1),
                     )
         received = self.runtime.sync_cache(self.cache)
         self.cache.publish(epoch)
@@ -309,17 +323,23 @@ class Trainer:
         return self.history[-1] if self.history else {}
 
     def _epoch(self, epoch: int, progress, tracker: Tracker | None) -> None:
-        started = time.perf_counter()
+        started = time.perf_counter() if self._boundary is None else self._boundary
         record = {"epoch": epoch, **self.train_epoch(epoch, progress)}
         refresh_s, received = self.refresh(epoch) if self._refresh_due(epoch + 1) else self._sync_harvest()
         record["time/refresh_s"] = refresh_s
         if self.runtime.distributed:
             record["dist/cache_bytes_received"] = received
+        evaluating = time.perf_counter()
         metrics, logits = self.evaluate(self.eval_split)
         record.update(metrics)
         if epoch == self.cfg.epochs - 1:
             record.update(self.evaluator.final({"val": self.val_set, "test": self.test_set}, self.eval_split, logits))
-        record["time/epoch_s"] = time.perf_counter() - started  # training to the last metric, per epoch
+        self._boundary = time.perf_counter()
+        record["time/eval_s"] = self._boundary - evaluating
+        record["time/checkpoint_s"] = self._checkpoint_s  # the previous epoch's checkpoint write
+        record["time/epoch_s"] = self._boundary - started  # from the previous epoch's last metric to this one's
+        parts = ("train_s", "refresh_s", "eval_s", "checkpoint_s")
+        record["time/other_s"] = record["time/epoch_s"] - sum(record[f"time/{part}"] for part in parts)
         record["time/run_s"] = record["time/epoch_s"] + (self.history[-1]["time/run_s"] if self.history else 0)
         if tracker is not None:
             grid = self.sample_images() if self.cfg.wandb != "disabled" else None
@@ -327,6 +347,8 @@ class Trainer:
                 tracker.log(record, images={"samples": grid.numpy()} if grid is not None else None)
         else:
             self.history.append(record)
+        writing_checkpoint = time.perf_counter()
         with writing(f"the checkpoint of epoch {epoch} in {self.run_dir}", self.checkpoint_note()):
             self.save_checkpoint(epoch)
+        self._checkpoint_s = time.perf_counter() - writing_checkpoint
         self.log(epoch_line(record, self.cfg.ensemble))

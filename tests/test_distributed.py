@@ -1,6 +1,5 @@
 """Multi-process training with torch.distributed (gloo on this CPU machine), launched through torchrun."""
 
-import json
 import os
 import signal
 import subprocess
@@ -14,6 +13,7 @@ import torch
 from gutout import SaliencyCache
 from gutout.config import ConfigError
 from gutout.train.distributed import plan_layout
+from gutout.train.tracking import read_metrics
 from tests.conftest import fake_fashion_mnist
 
 
@@ -65,7 +65,7 @@ def common(data, out, *extra):
 
 
 def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return read_metrics(run_dir)[0]
 
 
 @pytest.mark.slow

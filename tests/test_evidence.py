@@ -1,7 +1,6 @@
 """The instruments that decide whether Gutout works: the validation split, paired statistics, occlusion robustness,
 temperature scaling, and the options that set them."""
 
-import json
 import math
 import time
 
@@ -20,6 +19,7 @@ from gutout.train.evaluation import OcclusionConfig
 from gutout.train.metrics import fit_temperature
 from gutout.train.models import build_model
 from gutout.train.stats import estimate, paired_difference, t_quantile
+from gutout.train.tracking import read_metrics
 from gutout.train.trainer import Trainer
 from tests.conftest import fake_fashion_mnist, small_run
 
@@ -98,7 +98,7 @@ def test_train_with_a_validation_split_reads_the_test_set_once(data, tmp_path):
         "(256 train / 128 val / 200 test)" in result.output
         and "| model | val acc (%) | val NLL | test acc" in result.output
     )
-    records = [json.loads(line) for line in (tmp_path / "v" / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(tmp_path / "v")[0]
     assert all("val/ensemble/acc" in r and "val/member/1/nll" in r for r in records)
     assert not any(key.startswith("test/") for key in records[0])  # the test set is read once, at the end
     last = records[-1]

@@ -5,7 +5,6 @@ the Python API.
 """
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -23,6 +22,7 @@ from gutout.pipelines import DatasetError, GutoutLoader
 from gutout.train.config import TrainConfig
 from gutout.train.models import small_resnet
 from gutout.train.rundir import RunDirectoryBusy, RunDirectoryLock
+from gutout.train.tracking import read_metrics
 from gutout.train.trainer import Trainer
 from tests.conftest import fake_fashion_mnist
 
@@ -110,7 +110,7 @@ def test_a_second_run_into_a_busy_directory_is_refused_and_nothing_is_lost(data,
     assert (run / "config.yaml").read_text() == config_before
     with RunDirectoryLock(run) as lock:
         assert lock.held and (run / "lock").read_text().strip() == str(os.getpid())
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(run)[0]
     assert [r["epoch"] for r in records] == list(range(len(records)))  # only the first run's epochs
 
 
@@ -334,7 +334,7 @@ def test_a_full_disk_is_one_line_and_the_run_continues_once_there_is_room(data, 
         subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
         resumed = gutout(*args, "--resume")
         assert resumed.returncode == 0, resumed.stderr[-3000:]
-        assert [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+        assert [r["epoch"] for r in read_metrics(run)[0]] == [0, 1]
 
 
 def test_refresh_with_a_head_too_small_for_the_classes_is_named():

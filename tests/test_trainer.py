@@ -1,6 +1,5 @@
 """The trainer end to end: CLI, metrics, figures, W&B offline, harvest, exact resume after SIGKILL."""
 
-import json
 import os
 import re
 import signal
@@ -15,6 +14,7 @@ from click.testing import CliRunner
 from gutout.config import ConfigError
 from gutout.train.cli import main
 from gutout.train.config import TrainConfig, make_config
+from gutout.train.tracking import read_metrics as read_run_metrics
 from gutout.train.trainer import NonFiniteLoss, Trainer, git_revision
 from tests.conftest import fake_fashion_mnist
 
@@ -62,7 +62,7 @@ def base_args(data, out, *extra):
 
 
 def read_metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return read_run_metrics(run_dir)[0]
 
 
 def without_timing(record):
@@ -296,6 +296,12 @@ def test_sigkill_and_resume_gives_the_same_metrics(data, tmp_path):
     subprocess.run([*cmd, "--name", "killed", "--resume"], check=True, env=env, capture_output=True, timeout=600)
     resumed = read_metrics(victim)
     assert [without_timing(r) for r in resumed] == [without_timing(r) for r in straight]
+    # The step log continues where the checkpoint left it: no gap, no duplicate, the same losses.
+    step_values = lambda run: [  # noqa: E731
+        {k: v for k, v in r.items() if k not in ("step/img_per_s", "step/loader_wait_frac", "step/ms")}
+        for r in read_run_metrics(run)[1]
+    ]
+    assert step_values(victim) == step_values(tmp_path / "straight") != []
 
 
 def test_compare_runs_each_configuration_once_and_writes_results(data, tmp_path):
@@ -327,7 +333,7 @@ def test_compare_runs_each_configuration_once_and_writes_results(data, tmp_path)
         assert row in text, text
     assert "Metrics on the validation split (128 training samples held out" in text
     assert "4.39 % → 4.02 %" in text and (tmp_path / "results.png").exists()
-    cfg = json.loads((tmp_path / "fashion-mnist-gutout-area-k1-s1" / "metrics.jsonl").read_text().splitlines()[-1])
+    cfg = read_metrics(tmp_path / "fashion-mnist-gutout-area-k1-s1")[-1]
     assert cfg["epoch"] == 1 and cfg["gutout/erased_frac"] > 0
     again = CliRunner().invoke(main, [*args, "--split", "test"])  # finished runs are not repeated
     assert again.exit_code == 0 and again.output.count("done already") == 6

@@ -2,8 +2,6 @@
 correctly classified samples only (--correct-only) and the loss-space rival (--diversity-loss). The pixel-level
 variants (threshold rules, keep) are kernel cases (tests/conftest.py) and in tests/test_cut.py."""
 
-import json
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,6 +13,7 @@ from gutout.train.cli import main
 from gutout.train.config import make_config
 from gutout.train.diversity import class_cams, similarity
 from gutout.train.models import build_model
+from gutout.train.tracking import read_metrics
 from gutout.train.trainer import Trainer
 from tests.conftest import fake_fashion_mnist, small_run
 
@@ -28,7 +27,7 @@ small = small_run
 
 
 def records(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return read_metrics(run_dir)[0]
 
 
 def untimed(record):

@@ -57,8 +57,9 @@ def prune(run_dir: Path, epoch: int, runtime: Runtime) -> None:
     runtime.barrier()
 
 
-def common_state(cfg: TrainConfig, epoch: int, cache: SaliencyCache, history: list[dict]) -> dict:
-    """What every rank shares: the run's identity, the cache (both buffers), every RNG, the metrics so far."""
+def common_state(cfg: TrainConfig, epoch: int, cache: SaliencyCache, history: list[dict], steps: list[dict]) -> dict:
+    """What every rank shares: the run's identity, the cache (both buffers), every RNG, the metrics so far (epoch
+    and step records)."""
     return {
         "config": cfg.identity(),
         "epoch": epoch,
@@ -70,6 +71,7 @@ def common_state(cfg: TrainConfig, epoch: int, cache: SaliencyCache, history: li
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         },
         "history": history,
+        "steps": steps,
     }
 
 

@@ -171,6 +171,7 @@ def _pair(ctx, param, value, kind=float):
     "--init-from", "Start from another run's last weights (a new run and schedule)", type=click.Path(), default="none"
 )
 @option("--sample-grid", "Images in the per-epoch sample grid (0: none)", type=int)
+@option("--log-every", "A step record every N steps", type=int, default="about 20 per epoch, at least every 50 steps")
 @option("--progress/--no-progress", "Progress bars", default="on a terminal")
 @click.option("--config", "config_file", type=click.Path(), help="YAML/TOML file of options (CLI options win).")
 @click.option("--nproc", type=int, default=1, help="Local processes, launched by torch's elastic launcher (torchrun).")

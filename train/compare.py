@@ -8,7 +8,6 @@ Cutout's square covers on average (clipped at the border), so the two compare at
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import statistics
 import time
@@ -22,6 +21,7 @@ from gutout.pipelines.datasets import DATASETS
 
 from .config import TrainConfig, identity_differences, read_run_config
 from .stats import Estimate, estimate, paired_difference
+from .tracking import read_metrics
 
 CUTOUT_SIZE = {name: spec.cutout_side for name, spec in DATASETS.items()}  # Cutout's side, from the registry
 
@@ -150,10 +150,7 @@ def check_same_run(cfg: TrainConfig) -> None:
 def finished(cfg: TrainConfig) -> dict | None:
     """The final metrics record of a completed run, or None."""
     check_same_run(cfg)
-    path = cfg.run_dir / "metrics.jsonl"
-    if not path.exists():
-        return None
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records, _ = read_metrics(cfg.run_dir)
     return records[-1] if records and records[-1].get("epoch") == cfg.epochs - 1 else None
 
 

@@ -104,6 +104,9 @@ class TrainConfig(CutConfig):
     resume: bool = False
     init_from: str | None = None  # a run directory: start from its last checkpoint's weights (a new run and schedule)
     sample_grid: int = 6  # images in the per-epoch sample grid (0: none)
+    # A step record every N optimiser steps (metrics.jsonl and W&B). None: about 20 per epoch, at least every 50
+    # steps. Each reads the accumulated losses once (one synchronisation per record, not per step).
+    log_every: int | None = None
     progress: bool | None = None  # progress bars; None: when stderr is a terminal
 
     def __post_init__(self):
@@ -139,6 +142,8 @@ class TrainConfig(CutConfig):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < lo:
                 raise ConfigError(f"{name}.{key}={value!r} must be an integer >= {lo}")
+        if self.log_every is not None and self.log_every < 1:
+            raise ConfigError(f"{name}.log_every={self.log_every!r} must be an integer >= 1")
         if self.subset is not None and (not isinstance(self.subset, int) or self.subset < 1):
             raise ConfigError(f"{name}.subset={self.subset!r} must be a positive integer")
         smallest = min_image_size(self.model_name)
@@ -171,6 +176,10 @@ class TrainConfig(CutConfig):
             raise ConfigError(f"dataset {self.dataset!r} needs --data PATH")
 
     # -- derived values ------------------------------------------------------------------------------
+
+    def steps_per_record(self, steps_per_epoch: int) -> int:
+        """Optimiser steps between two step records."""
+        return self.log_every or max(1, min(50, steps_per_epoch // 20))
 
     @property
     def refresh_parts(self) -> int:
@@ -223,8 +232,11 @@ class TrainConfig(CutConfig):
 
 
 def identity_differences(theirs: dict[str, Any], mine: dict[str, Any]) -> list[tuple[str, Any, Any]]:
-    """(key, theirs, mine) for every key where two runs' `identity()` differ, in key order."""
-    return [(k, theirs.get(k), mine.get(k)) for k in sorted(set(theirs) | set(mine)) if theirs.get(k) != mine.get(k)]
+    """(key, theirs, mine) for every key where two runs' `identity()` differ, in key order. A key one side does not
+    record (an option newer than its run) counts as that option's default."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    pairs = [(k, theirs.get(k, defaults.get(k)), mine.get(k, defaults.get(k))) for k in sorted(set(theirs) | set(mine))]
+    return [(k, a, b) for k, a, b in pairs if a != b]
 
 
 def read_run_config(run_dir: str | Path) -> TrainConfig:

@@ -52,8 +52,9 @@ def save_png(grid: torch.Tensor, path: Path) -> None:
     Image.fromarray(grid.numpy()).save(path)
 
 
-def save_curves(history: list[dict], members: int, path: Path) -> None:
-    """Accuracy of each member and of the ensemble, and disagreement, against the epoch."""
+def save_curves(history: list[dict], members: int, path: Path, steps: list[dict] = ()) -> None:
+    """Accuracy of each member and of the ensemble, and disagreement, against the epoch; with step records, each
+    member's training loss and the images/s against the (fractional) epoch too."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -64,7 +65,9 @@ def save_curves(history: list[dict], members: int, path: Path) -> None:
     split = "val" if "val/ensemble/acc" in history[0] else "test"  # what every epoch was scored on
     records = [r for r in history if f"{split}/ensemble/acc" in r]
     epochs = [r["epoch"] for r in records]
-    fig, (acc_ax, dis_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
+    panels = 3 if steps else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.8))
+    acc_ax, dis_ax = axes[:2]
     for m in range(members):
         acc_ax.plot(epochs, [100 * r[f"{split}/member/{m}/acc"] for r in records], "--", label=f"member {m}")
     acc_ax.plot(epochs, [100 * r[f"{split}/ensemble/acc"] for r in records], "k-", lw=2, label="ensemble")
@@ -74,7 +77,16 @@ def save_curves(history: list[dict], members: int, path: Path) -> None:
     dis_ax.plot(epochs, [100 * r["gutout/erased_frac"] for r in records], "C2:", label="erased fraction")
     dis_ax.set(xlabel="epoch", ylabel="%", title="pairwise disagreement / erased area")
     dis_ax.legend(fontsize=8)
-    for ax in (acc_ax, dis_ax):
+    if steps:
+        step_ax, rate_ax = axes[2], axes[2].twinx()
+        for m in range(members):
+            key = f"step/loss/member/{m}"
+            shown = [r for r in steps if key in r]
+            step_ax.plot([r["step/epoch"] for r in shown], [r[key] for r in shown], lw=1, label=f"member {m}")
+        rate_ax.plot([r["step/epoch"] for r in steps], [r["step/img_per_s"] for r in steps], "k:", lw=1)
+        step_ax.set(xlabel="epoch", ylabel="training loss (members)", title="per step: loss, images/s (dotted)")
+        rate_ax.set_ylabel("images/s")
+    for ax in axes:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -101,13 +113,15 @@ def sample_images(
     return sample_grid(batch.images, maps, torch.stack(views), config.mean, config.std)
 
 
-def write_figures(run_dir: Path, history: list[dict], members: int, grid: torch.Tensor | None) -> list[Path]:
+def write_figures(
+    run_dir: Path, history: list[dict], members: int, grid: torch.Tensor | None, steps: list[dict] | None = None
+) -> list[Path]:
     """samples.png (when there is a grid) and curves.png (when there is a history) in `run_dir`."""
     paths = []
     if grid is not None:
         save_png(grid, run_dir / "samples.png")
         paths.append(run_dir / "samples.png")
-    save_curves(history, members, run_dir / "curves.png")
+    save_curves(history, members, run_dir / "curves.png", steps or [])
     if (run_dir / "curves.png").exists():
         paths.append(run_dir / "curves.png")
     return paths
@@ -116,10 +130,9 @@ def write_figures(run_dir: Path, history: list[dict], members: int, grid: torch.
 def redraw(run_dir: Path, saved) -> list[Path]:
     """The figures of a run directory from its files alone — config.yaml, metrics.jsonl, the maps (cache.gsc, or
     the last checkpoint's while the run goes on) and the dataset; no model is built."""
-    import json
-
     from .data import load_splits, loader_config
     from .rundir import CHECKPOINT, ResumeMismatch
+    from .tracking import read_metrics
 
     cfg = dataclasses.replace(saved, out=str(run_dir.parent), name=run_dir.name)
     train = load_splits(cfg).train
@@ -143,8 +156,7 @@ def redraw(run_dir: Path, saved) -> list[Path]:
         raise ResumeMismatch(
             f"its maps belong to other samples (fingerprint {cache.fingerprint}, the dataset now {train.fingerprint})"
         )
-    metrics = run_dir / "metrics.jsonl"
-    history = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    history, steps = read_metrics(run_dir)
     stage = StageConfig(cfg.cut_config(), peers=cfg.peer_rule)
     grid = sample_images(train, loader_config(cfg, train), cache, stage, cfg.sample_grid)
-    return write_figures(run_dir, history, cfg.ensemble, grid)
+    return write_figures(run_dir, history, cfg.ensemble, grid, steps)

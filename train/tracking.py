@@ -1,5 +1,9 @@
 """Where metrics go: `metrics.jsonl` in the run directory (one JSON object per event) and W&B.
 
+Two kinds of event share the log, in the order they happened: an epoch record (it has "epoch") after every epoch,
+and a step record (it has "global_step", every key else under "step/") every few optimiser steps. `read_metrics`
+splits them. W&B plots epoch records against "epoch" and step records against "global_step".
+
 W&B is offline by default (the run lands in the run directory) and must never hang a run: an online init
 that fails or times out falls back to offline with a warning.
 """
@@ -15,6 +19,9 @@ from typing import Any
 
 from gutout.atomic import atomic_write_bytes
 
+# The key prefixes of epoch records (W&B plots them against the epoch).
+EPOCH_PREFIXES = ("val/", "test/", "throughput/", "time/", "gutout/", "dist/", "lr")
+
 
 class Tracker:
     def __init__(
@@ -25,18 +32,30 @@ class Tracker:
         project: str,
         name: str,
         history: list[dict] | None = None,
+        steps: list[dict] | None = None,
     ):
         self.run_dir = run_dir
         self.metrics_path = run_dir / "metrics.jsonl"
-        self.history: list[dict] = list(history or [])
-        # Resuming rewrites the log from the checkpoint's history: events after the checkpoint never happened.
-        atomic_write_bytes(self.metrics_path, b"".join(json.dumps(r).encode() + b"\n" for r in self.history))
+        self.history: list[dict] = list(history or [])  # epoch records
+        self.steps: list[dict] = list(steps or [])  # step records
+        # Resuming rewrites the log from the checkpoint's records: events after the checkpoint never happened.
+        events = sorted(self.history + self.steps, key=_event_time)
+        atomic_write_bytes(self.metrics_path, b"".join(json.dumps(r).encode() + b"\n" for r in events))
         self.wandb = None
         if mode != "disabled":
             self.wandb = _init_wandb(run_dir, config, mode, project, name)
 
     def log(self, record: dict[str, Any], images: dict[str, Any] | None = None) -> None:
+        """An epoch record (with "epoch"), and optionally images for W&B."""
         self.history.append(record)
+        self._write(record, images)
+
+    def log_step(self, record: dict[str, Any]) -> None:
+        """A step record (with "global_step")."""
+        self.steps.append(record)
+        self._write(record)
+
+    def _write(self, record: dict[str, Any], images: dict[str, Any] | None = None) -> None:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
@@ -70,6 +89,22 @@ class Tracker:
                 warnings.warn(f"W&B could not finish its run ({err})", stacklevel=2)
 
 
+def _event_time(record: dict) -> tuple[float, int]:
+    """Where an event falls in the run: a step record at its epoch progress, an epoch record after its last step."""
+    if "global_step" in record:
+        return record["step/epoch"], 0
+    return record["epoch"] + 1, 1
+
+
+def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """(epoch records, step records) of a run directory's metrics.jsonl; both empty when there is none."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return [], []
+    events = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [e for e in events if "epoch" in e], [e for e in events if "global_step" in e]
+
+
 def _init_wandb(run_dir: Path, config: dict, mode: str, project: str, name: str):
     import wandb
 
@@ -93,8 +128,11 @@ def _init_wandb(run_dir: Path, config: dict, mode: str, project: str, name: str)
         except Exception as err2:  # noqa: BLE001 - nor may the offline fallback
             warnings.warn(f"W&B offline fallback failed too ({err2}); logging to metrics.jsonl only", stacklevel=2)
             return None
-    # Dashboards plot against the epoch and against throughput.
+    # Epoch records plot against the epoch, step records (every key under "step/") against the global step.
     run.define_metric("epoch")
-    run.define_metric("*", step_metric="epoch")
+    run.define_metric("global_step")
+    run.define_metric("step/*", step_metric="global_step")
+    for prefix in EPOCH_PREFIXES:
+        run.define_metric(f"{prefix}*", step_metric="epoch")
     run.define_metric("throughput/train_img_per_s", step_metric="epoch", summary="max")
     return run

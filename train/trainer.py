@@ -28,6 +28,7 @@ from .evaluation import Evaluator
 from .members import NonFiniteLoss, build_member, check_finite, epoch_record, new_model, probe_layer
 from .report import NoProgress, epoch_line
 from .rundir import RunDirectoryLock, check_run_dir, git_revision, record_run, writing
+from .steplog import StepWindow
 from .tracking import Tracker
 
 __all__ = ["NonFiniteLoss", "Trainer", "git_revision"]
@@ -95,7 +96,9 @@ class Trainer:
             self.layer,
             channels_last=self.amp,
         )
-        self.history: list[dict] = []
+        self.history: list[dict] = []  # epoch records
+        self.steps: list[dict] = []  # step records (rank 0 keeps them; the checkpoint holds them)
+        self._log_step = self.steps.append  # where step records go: the tracker's log once the run starts
         self.start_epoch = 0
         self.checkpointed_epoch: int | None = None  # the last epoch whose checkpoint is complete on disk
         # An epoch's wall time runs from the previous epoch's last metric to its own, so the previous epoch's
@@ -106,7 +109,8 @@ class Trainer:
     # -- checkpoints -------------------------------------------------------------------------------------
 
     def save_checkpoint(self, epoch: int) -> None:
-        common = checkpoint.common_state(self.cfg, epoch, self.cache, self.history) if self.runtime.is_main else None
+        main = self.runtime.is_main
+        common = checkpoint.common_state(self.cfg, epoch, self.cache, self.history, self.steps) if main else None
         checkpoint.save(self.run_dir, epoch, self.members, common, self.layout, self.runtime)
         self.checkpointed_epoch = epoch  # complete from the rename on, whatever interrupts what follows
         checkpoint.prune(self.run_dir, epoch, self.runtime)
@@ -116,6 +120,7 @@ class Trainer:
         if state is None:
             return False
         self.history, self.start_epoch = state["history"], state["epoch"] + 1
+        self.steps[:] = state.get("steps", [])  # a checkpoint older than step records has none
         self.checkpointed_epoch = state["epoch"]
         return True
 
@@ -211,20 +216,25 @@ class Trainer:
         start = time.perf_counter()
         bar = progress(total=steps * len(self.members), desc=f"epoch {epoch}", unit="img", unit_scale=cfg.batch_size)
         check_every = 1 if self.device.type == "cpu" else 25  # reading a loss syncs the GPU
+        window = StepWindow(self, epoch, steps, start)
         for step in range(steps):
             for member, iterator in zip(self.members, iterators, strict=True):
                 fetch = time.perf_counter()
                 batch = next(iterator)
-                wait += time.perf_counter() - fetch
+                waited = time.perf_counter() - fetch
                 loss, forwarded, harvest_s = self._step(member, batch, harvest)
                 images_seen += forwarded
+                wait += waited
                 harvest_time += harvest_s
                 losses.append(loss.detach())
+                window.add(member.index, loss.detach(), forwarded, waited)
                 bar.update(1)
             if (step + 1) % check_every == 0 or step + 1 == steps:
                 check_finite(losses, self.members, epoch, step)
                 bar.set_postfix(loss=f"{float(losses[-1]):.3f}", refresh=False)
                 losses.clear()
+            if (step + 1) % window.every == 0 or step + 1 == steps:
+                window.close(step)
         elapsed = time.perf_counter() - start
         bar.close()
         for iterator in iterators:
@@ -306,8 +316,10 @@ class Trainer:
             with writing(f"{self.run_dir / 'config.yaml'}"):
                 record_run(cfg)
             with writing(f"{self.run_dir / 'metrics.jsonl'}"):
-                tracker = Tracker(self.run_dir, cfg.to_dict(), cfg.wandb, cfg.wandb_project, cfg.run_name, self.history)
-            self.history = tracker.history
+                tracker = Tracker(
+                    self.run_dir, cfg.to_dict(), cfg.wandb, cfg.wandb_project, cfg.run_name, self.history, self.steps
+                )
+            self.history, self.steps, self._log_step = tracker.history, tracker.steps, tracker.log_step
         try:
             if self.start_epoch == 0 and self._refresh_due(0):
                 self.refresh(epoch=-1)
@@ -316,7 +328,7 @@ class Trainer:
             if main:
                 with writing(f"{self.run_dir / 'cache.gsc'}"):
                     self.cache.save(self.run_dir / "cache.gsc")  # the final maps, for anyone to load
-                figures.write_figures(self.run_dir, self.history, cfg.ensemble, self.sample_images())
+                figures.write_figures(self.run_dir, self.history, cfg.ensemble, self.sample_images(), self.steps)
         finally:
             if tracker is not None:
                 tracker.finish()

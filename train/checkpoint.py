@@ -4,6 +4,8 @@ Member files (`member-<m>.epoch-<e>.pt`: model, optimiser, scheduler, grad scale
 rank of each member's group; then rank 0 writes `checkpoint.pt` (the configuration's identity, the cache's state,
 every RNG, the history), which marks epoch e complete. Each write is atomic, so a run killed at any moment
 resumes from the last epoch whose common file was written, and ends with the metrics of an uninterrupted run.
+A mid-epoch checkpoint (a stop signal, --checkpoint-every) is the same with `.step-<s>` in the member files' names
+and the step and the epoch's running sums in the common file.
 """
 
 from __future__ import annotations
@@ -25,12 +27,31 @@ from .members import Member
 from .rundir import CHECKPOINT, ResumeMismatch
 
 
-def member_path(run_dir: Path, member: int, epoch: int) -> Path:
-    return run_dir / f"member-{member}.epoch-{epoch}.pt"
+def member_path(run_dir: Path, member: int, epoch: int, step: int | None = None) -> Path:
+    """A member's file at the end of `epoch`, or after `step` optimiser steps of it (a mid-epoch checkpoint)."""
+    return run_dir / (
+        f"member-{member}.epoch-{epoch}.pt" if step is None else f"member-{member}.epoch-{epoch}.step-{step}.pt"
+    )
 
 
-def save(run_dir: Path, epoch: int, members: list[Member], common: dict, layout: Layout, runtime: Runtime) -> None:
-    """Member files, then (rank 0) the common file `common`: epoch `epoch` is complete when this returns."""
+def _position(path: Path) -> tuple[int, float]:
+    """(epoch, step) of a member file's name; a complete epoch sorts after all of its steps."""
+    parts = path.name.split(".")  # member-0, epoch-3[, step-120], pt
+    step = next((float(p.split("-")[1]) for p in parts if p.startswith("step-")), float("inf"))
+    return int(parts[1].split("-")[1]), step
+
+
+def save(
+    run_dir: Path,
+    epoch: int,
+    members: list[Member],
+    common: dict,
+    layout: Layout,
+    runtime: Runtime,
+    step: int | None = None,
+) -> None:
+    """Member files, then (rank 0) the common file `common`: epoch `epoch` (or its first `step` steps) is complete
+    when this returns."""
     if layout.group_leader:
         for m in members:
             state = {
@@ -40,7 +61,7 @@ def save(run_dir: Path, epoch: int, members: list[Member], common: dict, layout:
                 "scheduler": m.scheduler.state_dict(),
                 "scaler": m.scaler.state_dict(),
             }
-            with atomic_writer(member_path(run_dir, m.index, epoch)) as f:
+            with atomic_writer(member_path(run_dir, m.index, epoch, step)) as f:
                 torch.save(state, f)
     runtime.barrier()
     if runtime.is_main:
@@ -48,21 +69,32 @@ def save(run_dir: Path, epoch: int, members: list[Member], common: dict, layout:
             torch.save(common, f)
 
 
-def prune(run_dir: Path, epoch: int, runtime: Runtime) -> None:
-    """Remove the member files of epochs before `epoch`, which its complete checkpoint supersedes."""
+def prune(run_dir: Path, epoch: int, runtime: Runtime, step: int | None = None) -> None:
+    """Remove the member files from before (epoch, step), which its complete checkpoint supersedes."""
     if runtime.is_main:
+        current = (epoch, float("inf") if step is None else step)
         for old in run_dir.glob("member-*.epoch-*.pt"):
-            if int(old.name.split(".epoch-")[1].split(".")[0]) < epoch:
+            if _position(old) < current:
                 old.unlink(missing_ok=True)
     runtime.barrier()
 
 
-def common_state(cfg: TrainConfig, epoch: int, cache: SaliencyCache, history: list[dict], steps: list[dict]) -> dict:
+def common_state(
+    cfg: TrainConfig,
+    epoch: int,
+    cache: SaliencyCache,
+    history: list[dict],
+    steps: list[dict],
+    step: int | None = None,
+    progress: dict | None = None,
+) -> dict:
     """What every rank shares: the run's identity, the cache (both buffers), every RNG, the metrics so far (epoch
-    and step records)."""
+    and step records); mid-epoch, also the steps done (`step`) and the epoch's running sums (`progress`)."""
     return {
         "config": cfg.identity(),
         "epoch": epoch,
+        "step": step,
+        "progress": progress,
         "cache": cache.state_dict(),
         "rng": {
             "torch": torch.get_rng_state(),
@@ -97,9 +129,9 @@ def load(run_dir: Path, cfg: TrainConfig, members: list[Member], cache: Saliency
         cache.load_state_dict(state["cache"], source=str(path))
     except CacheSnapshotError as err:  # e.g. the folder's files changed under the same path
         raise ResumeMismatch(f"{err}; refusing to resume with maps of other samples") from None
-    epoch = state["epoch"]
+    epoch, step = state["epoch"], state.get("step")
     for member in members:
-        member_file = member_path(run_dir, member.index, epoch)
+        member_file = member_path(run_dir, member.index, epoch, step)
         if not member_file.exists():
             raise ResumeMismatch(f"checkpoint of epoch {epoch} is incomplete: {member_file} is missing")
         saved = _read(member_file)
@@ -121,13 +153,14 @@ def init_weights(run_dir: str | Path, members: list[Member], model_name: str) ->
     schedule and maps). Returns that checkpoint's epoch."""
     run_dir = Path(run_dir)
     try:
-        epoch = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=False)["epoch"]
+        state = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=False)
+        epoch, step = state["epoch"], state.get("step")
     except FileNotFoundError:
         raise ConfigError(f"--init-from {run_dir}: no {CHECKPOINT} there (not a run, or none checkpointed)") from None
     except Exception as err:  # noqa: BLE001 - a damaged file, named
         raise ConfigError(f"--init-from {run_dir}: cannot read {run_dir / CHECKPOINT}: {err}") from None
     for member in members:
-        path = member_path(run_dir, member.index, epoch)
+        path = member_path(run_dir, member.index, epoch, step)
         if not path.exists():
             raise ConfigError(
                 f"--init-from {run_dir}: no weights for member {member.index} ({path.name}); it must have at least "

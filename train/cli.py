@@ -171,6 +171,7 @@ def _pair(ctx, param, value, kind=float):
     "--init-from", "Start from another run's last weights (a new run and schedule)", type=click.Path(), default="none"
 )
 @option("--sample-grid", "Images in the per-epoch sample grid (0: none)", type=int)
+@option("--checkpoint-every", "Also checkpoint every N steps inside an epoch", type=int, default="epoch ends only")
 @option("--log-every", "A step record every N steps", type=int, default="about 20 per epoch, at least every 50 steps")
 @option("--progress/--no-progress", "Progress bars", default="on a terminal")
 @click.option("--config", "config_file", type=click.Path(), help="YAML/TOML file of options (CLI options win).")
@@ -179,7 +180,7 @@ def _pair(ctx, param, value, kind=float):
 def train(dataset, config_file, milestones, nproc, max_restarts, **options):
     """Train a Gutout ensemble on DATASET (fashion-mnist, cifar10, cifar100, imagenet, folder)."""
     from .report import summary_table, tqdm_progress
-    from .trainer import Trainer
+    from .trainer import PREEMPTED_EXIT, Preempted, Trainer
 
     if milestones is not None:
         try:
@@ -207,6 +208,9 @@ def train(dataset, config_file, milestones, nproc, max_restarts, **options):
         _fail(str(err))
     except KeyboardInterrupt:
         _interrupted(trainer)
+    except Preempted as err:
+        click.echo(f"\n{err}", err=True)
+        sys.exit(PREEMPTED_EXIT)
     if not trainer.runtime.is_main:
         return
     click.echo("\n" + summary_table(final, cfg.ensemble))

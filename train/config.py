@@ -107,6 +107,9 @@ class TrainConfig(CutConfig):
     # A step record every N optimiser steps (metrics.jsonl and W&B). None: about 20 per epoch, at least every 50
     # steps. Each reads the accumulated losses once (one synchronisation per record, not per step).
     log_every: int | None = None
+    # Also checkpoint every N optimiser steps inside an epoch (a preempted or killed run loses at most N steps).
+    # None: at epoch ends, and when SIGTERM / SIGUSR1 asks the run to stop.
+    checkpoint_every: int | None = None
     progress: bool | None = None  # progress bars; None: when stderr is a terminal
 
     def __post_init__(self):
@@ -142,8 +145,9 @@ class TrainConfig(CutConfig):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < lo:
                 raise ConfigError(f"{name}.{key}={value!r} must be an integer >= {lo}")
-        if self.log_every is not None and self.log_every < 1:
-            raise ConfigError(f"{name}.log_every={self.log_every!r} must be an integer >= 1")
+        for key in ("log_every", "checkpoint_every"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ConfigError(f"{name}.{key}={getattr(self, key)!r} must be an integer >= 1")
         if self.subset is not None and (not isinstance(self.subset, int) or self.subset < 1):
             raise ConfigError(f"{name}.subset={self.subset!r} must be a positive integer")
         smallest = min_image_size(self.model_name)
@@ -222,9 +226,9 @@ class TrainConfig(CutConfig):
         return dataclasses.asdict(self)
 
     # Options that may differ between a run and its resumption: where it lives (the run directory is found by
-    # out/name already, so a default-named run resumed by its directory name is the same run), where it logs
-    # and how it shows progress.
-    RESUME_FREE = ("resume", "wandb", "progress", "device", "num_threads", "out", "name")
+    # out/name already, so a default-named run resumed by its directory name is the same run), where it logs,
+    # how it shows progress and how often it checkpoints.
+    RESUME_FREE = ("resume", "wandb", "progress", "device", "num_threads", "out", "name", "checkpoint_every")
 
     def identity(self) -> dict[str, Any]:
         """What must match for `--resume` to continue a run."""

@@ -26,6 +26,23 @@ class StepWindow:
         self.counts = [0] * self.members
         self.images, self.wait = 0, 0.0
 
+    def state(self) -> dict:
+        """The running sums of the open window (a mid-epoch checkpoint holds them)."""
+        return dict(
+            loss_sums=self.loss_sums.tolist(),
+            counts=list(self.counts),
+            images=self.images,
+            wait=self.wait,
+            first_step=self.first_step,
+            elapsed=time.perf_counter() - self.start,
+        )
+
+    def restore(self, state: dict) -> None:
+        """Continue the window a checkpoint stopped in."""
+        self.loss_sums = torch.tensor(state["loss_sums"], dtype=torch.float64, device=self.trainer.device)
+        self.counts, self.images, self.wait = list(state["counts"]), state["images"], state["wait"]
+        self.first_step, self.start = state["first_step"], time.perf_counter() - state["elapsed"]
+
     def add(self, member: int, loss: torch.Tensor, images: int, wait: float) -> None:
         """One member's optimiser step: its loss (a device scalar, not read here), images forwarded, loader wait."""
         self.loss_sums[member] += loss.double()

@@ -9,6 +9,8 @@ metrics are logged, and an atomic checkpoint is written (docs/design.md).
 from __future__ import annotations
 
 import dataclasses
+import signal
+import threading
 import time
 from contextlib import nullcontext
 
@@ -32,6 +34,19 @@ from .steplog import StepWindow
 from .tracking import Tracker
 
 __all__ = ["NonFiniteLoss", "Trainer", "git_revision"]
+
+
+# Signals that stop a run at the next step with a checkpoint: schedulers' preemption notice (SLURM and Kubernetes
+# send SIGTERM, then SIGKILL after a grace period; SLURM's --signal=USR1@T sends SIGUSR1 T seconds ahead).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped on request with a checkpoint; run again with --resume
+
+
+class Preempted(Exception):
+    """A stop signal ended the run after a checkpoint; the message says which signal and where to resume."""
+
+    def __init__(self, signal_name: str, note: str):
+        super().__init__(f"stopped by {signal_name}: {note}")
 
 
 class Trainer:
@@ -100,7 +115,10 @@ class Trainer:
         self.steps: list[dict] = []  # step records (rank 0 keeps them; the checkpoint holds them)
         self._log_step = self.steps.append  # where step records go: the tracker's log once the run starts
         self.start_epoch = 0
+        self.resume_progress: dict | None = None  # a mid-epoch checkpoint's position and running sums
         self.checkpointed_epoch: int | None = None  # the last epoch whose checkpoint is complete on disk
+        self.checkpointed_step: int | None = None  # ... and its steps, when that checkpoint is mid-epoch
+        self.stop_signal: int | None = None  # SIGTERM / SIGUSR1 received: stop after the current step
         # An epoch's wall time runs from the previous epoch's last metric to its own, so the previous epoch's
         # logging and checkpoint count in it: these carry that boundary across (None: the run's first epoch here).
         self._boundary: float | None = None
@@ -108,20 +126,25 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------------------
 
-    def save_checkpoint(self, epoch: int) -> None:
-        main = self.runtime.is_main
-        common = checkpoint.common_state(self.cfg, epoch, self.cache, self.history, self.steps) if main else None
-        checkpoint.save(self.run_dir, epoch, self.members, common, self.layout, self.runtime)
-        self.checkpointed_epoch = epoch  # complete from the rename on, whatever interrupts what follows
-        checkpoint.prune(self.run_dir, epoch, self.runtime)
+    def save_checkpoint(self, epoch: int, step: int | None = None, progress: dict | None = None) -> None:
+        """The checkpoint at the end of `epoch`, or after its first `step` steps (with the epoch's running sums)."""
+        common = None
+        if self.runtime.is_main:
+            common = checkpoint.common_state(self.cfg, epoch, self.cache, self.history, self.steps, step, progress)
+        checkpoint.save(self.run_dir, epoch, self.members, common, self.layout, self.runtime, step)
+        # Complete from the rename on, whatever interrupts what follows.
+        self.checkpointed_epoch, self.checkpointed_step = epoch, step
+        checkpoint.prune(self.run_dir, epoch, self.runtime, step)
 
     def load_checkpoint(self) -> bool:
         state = checkpoint.load(self.run_dir, self.cfg, self.members, self.cache)
         if state is None:
             return False
-        self.history, self.start_epoch = state["history"], state["epoch"] + 1
+        step = state.get("step")
+        self.history, self.start_epoch = state["history"], state["epoch"] + (1 if step is None else 0)
         self.steps[:] = state.get("steps", [])  # a checkpoint older than step records has none
-        self.checkpointed_epoch = state["epoch"]
+        self.checkpointed_epoch, self.checkpointed_step = state["epoch"], step
+        self.resume_progress = None if step is None else {"step": step, **state["progress"]}
         return True
 
     def init_from(self, run_dir) -> int:
@@ -131,9 +154,10 @@ class Trainer:
         """Where a stopped run can continue from, for the message that says it stopped."""
         if self.checkpointed_epoch is None:
             return f"no epoch of {self.run_dir} was checkpointed yet"
-        return (
-            f"the checkpoint of epoch {self.checkpointed_epoch} in {self.run_dir} is complete; continue with --resume"
-        )
+        where = f"epoch {self.checkpointed_epoch}"
+        if self.checkpointed_step is not None:
+            where = f"step {self.checkpointed_step} of {where}"
+        return f"the checkpoint of {where} in {self.run_dir} is complete; continue with --resume"
 
     # -- one epoch ---------------------------------------------------------------------------------------
 
@@ -214,10 +238,20 @@ class Trainer:
         steps = self.runtime.all_min(len(self.members[0].loader), self.device)
         images_seen, wait, harvest_time, losses = 0, 0.0, 0.0, []
         start = time.perf_counter()
-        bar = progress(total=steps * len(self.members), desc=f"epoch {epoch}", unit="img", unit_scale=cfg.batch_size)
-        check_every = 1 if self.device.type == "cpu" else 25  # reading a loss syncs the GPU
         window = StepWindow(self, epoch, steps, start)
-        for step in range(steps):
+        first, carried = 0, self.resume_progress
+        if carried is not None:  # a mid-epoch checkpoint: replay the loader to where it stopped, and its sums
+            self.resume_progress, first = None, carried["step"]
+            for iterator in iterators:
+                for _ in range(first):  # the same draws as the first pass (loader and stage generators)
+                    next(iterator)
+            images_seen, wait, harvest_time = carried["images"], carried["wait"], carried["harvest_s"]
+            start -= carried["elapsed"]
+            window.restore(carried["window"])
+        bar = progress(total=steps * len(self.members), desc=f"epoch {epoch}", unit="img", unit_scale=cfg.batch_size)
+        bar.update(first * len(self.members))
+        check_every = 1 if self.device.type == "cpu" else 25  # reading a loss syncs the GPU
+        for step in range(first, steps):
             for member, iterator in zip(self.members, iterators, strict=True):
                 fetch = time.perf_counter()
                 batch = next(iterator)
@@ -235,6 +269,18 @@ class Trainer:
                 losses.clear()
             if (step + 1) % window.every == 0 or step + 1 == steps:
                 window.close(step)
+            if step + 1 < steps and self._checkpoint_due(step + 1):
+                progress_state = dict(
+                    images=images_seen,
+                    wait=wait,
+                    harvest_s=harvest_time,
+                    elapsed=time.perf_counter() - start,
+                    window=window.state(),
+                )
+                with writing(f"the checkpoint of step {step + 1} of epoch {epoch} in {self.run_dir}"):
+                    self.save_checkpoint(epoch, step + 1, progress_state)
+                if self.stop_signal is not None:
+                    raise Preempted(signal.Signals(self.stop_signal).name, self.checkpoint_note())
         elapsed = time.perf_counter() - start
         bar.close()
         for iterator in iterators:
@@ -245,6 +291,17 @@ class Trainer:
         if harvest:
             record["time/harvest_ms_per_step"] = 1e3 * harvest_time / (steps * len(self.members))
         return record
+
+    def _checkpoint_due(self, done: int) -> bool:
+        """After `done` steps of an epoch: write a mid-epoch checkpoint (every --checkpoint-every steps, or because
+        a stop signal came; every rank agrees on the latter, so all stop at the same step)."""
+        stop = self.stop_signal is not None
+        if self.runtime.distributed:  # one all-reduce per step: a signal may reach the ranks at different steps
+            stop = self.runtime.all_sum([float(stop)], self.device)[0] > 0
+            if stop and self.stop_signal is None:
+                self.stop_signal = signal.SIGTERM  # a peer's signal
+        every = self.cfg.checkpoint_every
+        return stop or (every is not None and done % every == 0)
 
     def _step(self, member, batch, harvest: bool) -> tuple[torch.Tensor, int, float]:
         """One optimiser step of `member` on `batch`, with the cut samples' clean views joined (--pair), the
@@ -292,13 +349,28 @@ class Trainer:
     # -- the run -----------------------------------------------------------------------------------------
 
     def run(self, progress=None) -> dict:
-        """Train every remaining epoch; rank 0 holds the run directory's lock throughout."""
+        """Train every remaining epoch; rank 0 holds the run directory's lock throughout. SIGTERM or SIGUSR1 stops
+        the run after the current step with a checkpoint there (Preempted)."""
         lock = RunDirectoryLock(self.run_dir).acquire() if self.runtime.is_main else None
+        previous = self._catch_stop_signals()
         try:
             return self._run(progress if (progress and self.runtime.is_main) else NoProgress)
         finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
             if lock is not None:
                 lock.release()
+
+    def _catch_stop_signals(self) -> dict:
+        """Note SIGTERM / SIGUSR1 instead of dying (the loop checks after each step); returns the old handlers.
+        A second signal during the checkpoint write changes nothing: the writes are atomic and already under way."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}  # only the main thread may set handlers (a run started from a worker thread keeps them)
+
+        def note(signum, _frame):
+            self.stop_signal = signum
+
+        return {signum: signal.signal(signum, note) for signum in STOP_SIGNALS}
 
     def _run(self, progress) -> dict:
         cfg, main = self.cfg, self.runtime.is_main
@@ -321,10 +393,12 @@ class Trainer:
                 )
             self.history, self.steps, self._log_step = tracker.history, tracker.steps, tracker.log_step
         try:
-            if self.start_epoch == 0 and self._refresh_due(0):
+            if self.start_epoch == 0 and self.resume_progress is None and self._refresh_due(0):
                 self.refresh(epoch=-1)
             for epoch in range(self.start_epoch, cfg.epochs):
                 self._epoch(epoch, progress, tracker)
+                if self.stop_signal is not None and epoch + 1 < cfg.epochs:  # came after the epoch's last step
+                    raise Preempted(signal.Signals(self.stop_signal).name, self.checkpoint_note())
             if main:
                 with writing(f"{self.run_dir / 'cache.gsc'}"):
                     self.cache.save(self.run_dir / "cache.gsc")  # the final maps, for anyone to load

@@ -1,0 +1,111 @@
+"""Preemption: SIGTERM (or SIGUSR1) stops a run after the current step with a checkpoint there and exit status 75;
+--checkpoint-every writes the same mid-epoch checkpoint periodically; either resumes to exactly the metrics and the
+step log of an uninterrupted run. Real processes, real signals."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from gutout.train.checkpoint import _position
+from gutout.train.tracking import read_metrics
+from gutout.train.trainer import PREEMPTED_EXIT
+from tests.conftest import fake_fashion_mnist
+
+TIMING = ("time/", "throughput/", "step/img_per_s", "step/loader_wait_frac", "step/ms")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return fake_fashion_mnist(tmp_path_factory.mktemp("fmnist"), n_train=384, n_test=64)
+
+
+def command(data, out, name, *extra):
+    # 384 samples, batch 32: 12 steps per epoch; a step record every 4 steps.
+    options = "--ensemble 2 --epochs 3 --batch-size 32 --eval-batch-size 256 --num-threads 0 --no-progress"
+    options += " --wandb disabled --sample-grid 0 --log-every 4 --device cpu"
+    args = ["train", "fashion-mnist", "--data", str(data), "--out", str(out), "--name", name, *options.split()]
+    return [sys.executable, "-m", "gutout.train.cli", *args, *extra]
+
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def untimed(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    epochs, steps = read_metrics(run_dir)
+    strip = lambda r: {k: v for k, v in r.items() if not k.startswith(TIMING)}  # noqa: E731
+    return [strip(r) for r in epochs], [strip(r) for r in steps]
+
+
+@pytest.fixture(scope="module")
+def straight(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    subprocess.run(command(data, out, "straight"), check=True, env=ENV, capture_output=True, timeout=900)
+    return untimed(out / "straight")
+
+
+def wait_for(condition, process, timeout=600):
+    deadline = time.time() + timeout
+    while not condition():
+        assert process.poll() is None, "the run ended before the signal could land"
+        assert time.time() < deadline, "timed out waiting for the run"
+        time.sleep(0.02)
+
+
+def steps_logged(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    return sum('"global_step"' in line for line in path.read_text().splitlines()) if path.exists() else 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_stop_signal_mid_epoch_checkpoints_exits_75_and_resumes_exactly(data, tmp_path, straight, signum):
+    run = tmp_path / "stopped"
+    process = subprocess.Popen(
+        command(data, tmp_path, "stopped"), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    wait_for(lambda: steps_logged(run) >= 4, process)  # inside epoch 1: three records of epoch 0, one of epoch 1
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=600)  # stdout is the terminal's (the epoch lines)
+    assert process.returncode == PREEMPTED_EXIT, stderr.decode()[-2000:]
+    message = stderr.decode()
+    assert f"stopped by {signal.Signals(signum).name}" in message and "continue with --resume" in message
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert state["epoch"] == 1 and 0 < state["step"] < 12, (state["epoch"], state["step"])  # mid-epoch
+    assert sorted(p.name for p in run.glob("member-*.pt")) == [
+        f"member-{m}.epoch-1.step-{state['step']}.pt" for m in (0, 1)
+    ]  # the epoch-end files it supersedes are gone
+    resumed = subprocess.run(command(data, tmp_path, "stopped", "--resume"), env=ENV, capture_output=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]
+    assert untimed(run) == straight
+
+
+@pytest.mark.slow
+def test_sigkill_after_a_periodic_checkpoint_resumes_exactly(data, tmp_path, straight):
+    run = tmp_path / "killed"
+    process = subprocess.Popen(
+        command(data, tmp_path, "killed", "--checkpoint-every", "5"), env=ENV, stdout=subprocess.DEVNULL
+    )
+    wait_for(lambda: (run / "member-1.epoch-1.step-5.pt").exists(), process)
+    time.sleep(0.1)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    resumed = subprocess.run(command(data, tmp_path, "killed", "--resume"), env=ENV, capture_output=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]
+    assert untimed(run) == straight
+
+
+def test_member_files_sort_by_position():
+    names = ["member-0.epoch-2.pt", "member-0.epoch-2.step-7.pt", "member-0.epoch-10.step-1.pt", "member-0.epoch-1.pt"]
+    ordered = sorted(names, key=lambda n: _position(Path(n)))
+    assert ordered == [
+        "member-0.epoch-1.pt",
+        "member-0.epoch-2.step-7.pt",
+        "member-0.epoch-2.pt",
+        "member-0.epoch-10.step-1.pt",
+    ]

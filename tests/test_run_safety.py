@@ -356,6 +356,9 @@ def test_ctrl_c_exits_130_and_says_where_the_last_checkpoint_is(data, tmp_path):
         stderr=subprocess.PIPE,
         text=True,
         env=dict(os.environ, OMP_NUM_THREADS="1"),
+        # A shell without job control starts background jobs with SIGINT ignored, and the child would inherit
+        # that (Python then installs no KeyboardInterrupt handler): give it the terminal's default.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     wait_for(tmp_path / "i" / "checkpoint.pt", proc)
     proc.send_signal(signal.SIGINT)

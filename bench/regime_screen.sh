@@ -21,7 +21,7 @@ declare -A CELL=(
   [small-5k-30]="--model small-resnet --subset 5000 --epochs 30 --runs none,cutout-0.25,cutout,random-erasing"
   # ResNet-20 (three blocks per stage: three times the depth of ResNet-8) on the same data and schedule.
   [resnet20-5k-30]="--model resnet20 --subset 5000 --epochs 30 --runs none,cutout-0.25,cutout"
-  # A fifth of the data for twice the epochs: the same number of steps per run, more passes over each image.
+  # A fifth of the data for twice the epochs: two fifths of the steps, twice the passes over each image.
   [small-1k-60]="--model small-resnet --subset 1000 --epochs 60 --runs none,cutout-0.25,cutout"
   [resnet20-1k-60]="--model resnet20 --subset 1000 --epochs 60 --runs none,cutout-0.25,cutout"
 )

@@ -84,7 +84,7 @@ def figure(all_rows: list[dict], path: Path, split: str) -> None:
     ax.axhline(0, color="k", lw=0.8)
     ax.set_xticks(list(x), [f"{r['cell']}\n{r['arm']}" for r in shown], fontsize=7, rotation=30, ha="right")
     ax.set_ylabel(f"Δ {split} error vs none (pp), paired 95 % CI")
-    ax.set_title("Regime screen: below 0 = the eraser helps (green: the interval excludes 0)", fontsize=9)
+    ax.set_title("Regime screen: below 0 = the eraser helps (green or red: the interval excludes 0)", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -373,44 +373,12 @@ def test_ctrl_c_exits_130_and_says_where_the_last_checkpoint_is(data, tmp_path):
 def test_more_epochs_need_a_new_run_initialised_from_the_old_one(data, tmp_path):
     args = train_args(data, tmp_path, "--epochs", "1", "--subset", "64", "--ensemble", "2", "--policy", "none")
     assert gutout(*args, "--name", "short").returncode == 0
-    longer = one_line_error(
-        gutout(
-            *train_args(
-                data,
-                tmp_path,
-                "--epochs",
-                "3",
-                "--subset",
-                "64",
-                "--ensemble",
-                "2",
-                "--policy",
-                "none",
-                "--name",
-                "short",
-                "--resume",
-            )
-        )
-    )
+    three_epochs = ("--epochs", "3", "--subset", "64", "--ensemble", "2", "--policy", "none")
+    longer = one_line_error(gutout(*train_args(data, tmp_path, *three_epochs, "--name", "short", "--resume")))
     assert "epochs: checkpoint has 1, this run has 3" in longer
     assert f"--init-from {tmp_path / 'short'} --name <another name>" in longer
     extended = gutout(
-        *train_args(
-            data,
-            tmp_path,
-            "--epochs",
-            "3",
-            "--subset",
-            "64",
-            "--ensemble",
-            "2",
-            "--policy",
-            "none",
-            "--name",
-            "long",
-            "--init-from",
-            str(tmp_path / "short"),
-        )
+        *train_args(data, tmp_path, *three_epochs, "--name", "long", "--init-from", str(tmp_path / "short"))
     )
     assert extended.returncode == 0 and f"initialised from {tmp_path / 'short'} (its epoch 0)" in extended.stdout
     cfg = TrainConfig(data=str(data), out=str(tmp_path), ensemble=2, subset=64, wandb="disabled", num_threads=0)

@@ -108,3 +108,22 @@ def test_cache_state_round_trips_and_refuses_other_samples():
     other = SaliencyCache(2, 5, (3, 3), fingerprint="n=5:xyz", layer="layer3")
     with pytest.raises(CacheSnapshotError, match="fingerprint: snapshot has 'n=5:abc', this run expects 'n=5:xyz'"):
         other.load_state_dict(state, source="checkpoint.pt")
+
+
+def test_run_directories_with_renamed_options_are_read_under_the_new_names(tmp_path):
+    import yaml
+
+    from gutout.train.config import RENAMED_OPTIONS, ConfigError, read_run_config
+
+    cfg = TrainConfig(cut_start=3)
+    recorded = cfg.to_dict()
+    for old, new in RENAMED_OPTIONS.items():
+        recorded[old] = recorded.pop(new)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(recorded))
+    assert read_run_config(tmp_path).identity() == cfg.identity()
+    with pytest.raises(ConfigError, match="warmup_epochs"):  # a user's option with the old name still fails
+        make_config(warmup_epochs=3)
+    recorded["cut_start"] = 3
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(recorded))
+    with pytest.raises(ConfigError, match="both"):
+        read_run_config(tmp_path)

@@ -243,11 +243,24 @@ def identity_differences(theirs: dict[str, Any], mine: dict[str, Any]) -> list[t
     return [(k, a, b) for k, a, b in pairs if a != b]
 
 
+# Options renamed since runs were recorded, old name -> new name (same meaning), so that `gutout show`, `compare`
+# and `--resume` still read older run directories. Only run directories are translated: a user's options and
+# config files with an old name fail like any unknown key.
+RENAMED_OPTIONS = {"warmup_epochs": "cut_start"}
+
+
 def read_run_config(run_dir: str | Path) -> TrainConfig:
     """The configuration a run directory's config.yaml records (OSError / yaml.YAMLError when it has none)."""
     import yaml
 
-    return make_config(yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {})
+    path = Path(run_dir) / "config.yaml"
+    recorded = yaml.safe_load(path.read_text()) or {}
+    for old, new in RENAMED_OPTIONS.items():
+        if old in recorded:
+            if new in recorded:
+                raise ConfigError(f"{path} records both {old!r} and its new name {new!r}")
+            recorded[new] = recorded.pop(old)
+    return make_config(recorded)
 
 
 def _normalise(values: dict[str, Any], source: str = "the options") -> dict[str, Any]:

@@ -57,3 +57,20 @@ def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     with atomic_writer(path) as f:
         f.write(data)
+
+
+def atomic_preserve(path: str | os.PathLike, keep: str | os.PathLike) -> None:
+    """Make `keep` a copy of `path` atomically (a reader sees the old `keep` or the whole copy): a hard link where
+    the filesystem has them, else a byte copy. `path` itself is untouched."""
+    path, keep = Path(path), Path(keep)
+    tmp = keep.parent / f".{keep.name}.{os.getpid()}.link"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    try:
+        os.link(path, tmp)
+    except OSError:  # no hard links here (some network and FUSE filesystems): copy the bytes
+        with open(path, "rb") as src, atomic_writer(keep) as dst:
+            while chunk := src.read(1 << 24):
+                dst.write(chunk)
+        return
+    os.replace(tmp, keep)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gutout.train.checkpoint import _position
+from gutout.train.checkpoint import _position, member_path
 from gutout.train.tracking import read_metrics
 from gutout.train.trainer import PREEMPTED_EXIT
 from tests.conftest import fake_fashion_mnist
@@ -77,9 +77,11 @@ def test_a_stop_signal_mid_epoch_checkpoints_exits_75_and_resumes_exactly(data, 
     assert f"stopped by {signal.Signals(signum).name}" in message and "continue with --resume" in message
     state = torch.load(run / "checkpoint.pt", weights_only=False)
     assert state["epoch"] == 1 and 0 < state["step"] < 12, (state["epoch"], state["step"])  # mid-epoch
-    assert sorted(p.name for p in run.glob("member-*.pt")) == [
-        f"member-{m}.epoch-1.step-{state['step']}.pt" for m in (0, 1)
-    ]  # the epoch-end files it supersedes are gone
+    previous = torch.load(run / "checkpoint.previous.pt", weights_only=False)
+    assert (previous["epoch"], previous["step"]) == (0, None)  # the last two complete checkpoints are kept...
+    assert sorted(p.name for p in run.glob("member-*.pt")) == sorted(
+        [f"member-{m}.epoch-1.step-{state['step']}.pt" for m in (0, 1)] + [f"member-{m}.epoch-0.pt" for m in (0, 1)]
+    )  # ...with their member files, and no others
     resumed = subprocess.run(command(data, tmp_path, "stopped", "--resume"), env=ENV, capture_output=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]
     assert untimed(run) == straight
@@ -97,6 +99,27 @@ def test_sigkill_after_a_periodic_checkpoint_resumes_exactly(data, tmp_path, str
     process.wait()
     resumed = subprocess.run(command(data, tmp_path, "killed", "--resume"), env=ENV, capture_output=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]
+    assert untimed(run) == straight
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damaged", ["common", "member"])
+def test_a_damaged_latest_checkpoint_is_named_and_the_previous_one_resumes_exactly(data, tmp_path, straight, damaged):
+    run = tmp_path / "damaged"
+    process = subprocess.Popen(
+        command(data, tmp_path, "damaged", "--checkpoint-every", "5"), env=ENV, stdout=subprocess.DEVNULL
+    )
+    wait_for(lambda: (run / "member-1.epoch-1.step-5.pt").exists(), process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    latest = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert (run / "checkpoint.previous.pt").exists()
+    target = run / "checkpoint.pt" if damaged == "common" else member_path(run, 1, latest["epoch"], latest["step"])
+    target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])  # a truncated copy
+    resumed = subprocess.run(command(data, tmp_path, "damaged", "--resume"), env=ENV, capture_output=True, timeout=900)
+    output = resumed.stdout.decode() + resumed.stderr.decode()
+    assert resumed.returncode == 0, output[-2000:]
+    assert f"cannot read checkpoint {target}" in output and "resuming from the previous complete checkpoint" in output
     assert untimed(run) == straight
 
 

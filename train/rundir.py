@@ -22,6 +22,14 @@ from .config import TrainConfig, identity_differences, read_run_config
 
 LOCK = "lock"
 CHECKPOINT = "checkpoint.pt"  # written last at each epoch's end: its presence marks a complete checkpoint
+# The complete checkpoint before the latest (and its member files) is kept: --resume falls back to it when the
+# latest cannot be read (a truncated copy, a damaged disk block).
+PREVIOUS_CHECKPOINT = "checkpoint.previous.pt"
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    """Whether `run_dir` holds a complete checkpoint, the latest or the one before it."""
+    return (run_dir / CHECKPOINT).exists() or (run_dir / PREVIOUS_CHECKPOINT).exists()
 
 
 class ResumeMismatch(RuntimeError):
@@ -132,11 +140,11 @@ def check_run_dir(cfg: TrainConfig) -> None:
     --resume; a --resume of a run stopped before its first checkpoint must be the same configuration."""
     run_dir, config = cfg.run_dir, cfg.run_dir / "config.yaml"
     if not cfg.resume:
-        if (run_dir / CHECKPOINT).exists() or config.exists():
+        if has_checkpoint(run_dir) or config.exists():
             raise ResumeMismatch(
                 f"{run_dir} already holds a run; pass --resume to continue it, or choose another --name/--out"
             )
-    elif config.exists() and not (run_dir / CHECKPOINT).exists():
+    elif config.exists() and not has_checkpoint(run_dir):
         try:
             saved = read_run_config(run_dir).identity()
         except Exception as err:  # noqa: BLE001 - unreadable YAML or a config of another version, named

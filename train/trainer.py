@@ -118,6 +118,7 @@ class Trainer:
         self.resume_progress: dict | None = None  # a mid-epoch checkpoint's position and running sums
         self.checkpointed_epoch: int | None = None  # the last epoch whose checkpoint is complete on disk
         self.checkpointed_step: int | None = None  # ... and its steps, when that checkpoint is mid-epoch
+        self._latest_damaged = False  # resumed from the previous checkpoint: the next save must not keep the latest
         self.stop_signal: int | None = None  # SIGTERM / SIGUSR1 received: stop after the current step
         # An epoch's wall time runs from the previous epoch's last metric to its own, so the previous epoch's
         # logging and checkpoint count in it: these carry that boundary across (None: the run's first epoch here).
@@ -131,15 +132,21 @@ class Trainer:
         common = None
         if self.runtime.is_main:
             common = checkpoint.common_state(self.cfg, epoch, self.cache, self.history, self.steps, step, progress)
-        checkpoint.save(self.run_dir, epoch, self.members, common, self.layout, self.runtime, step)
+        previous = self.checkpointed_epoch, self.checkpointed_step
+        keep_latest = not self._latest_damaged
+        checkpoint.save(self.run_dir, epoch, self.members, common, self.layout, self.runtime, step, keep_latest)
         # Complete from the rename on, whatever interrupts what follows.
-        self.checkpointed_epoch, self.checkpointed_step = epoch, step
-        checkpoint.prune(self.run_dir, epoch, self.runtime, step)
+        self.checkpointed_epoch, self.checkpointed_step, self._latest_damaged = epoch, step, False
+        kept = [checkpoint.position(epoch, step)]
+        if previous[0] is not None:
+            kept.append(checkpoint.position(*previous))
+        checkpoint.prune(self.run_dir, kept, self.runtime)
 
     def load_checkpoint(self) -> bool:
-        state = checkpoint.load(self.run_dir, self.cfg, self.members, self.cache)
+        state = checkpoint.load(self.run_dir, self.cfg, self.members, self.cache, log=self.log)
         if state is None:
             return False
+        self._latest_damaged = state["fell_back"]
         step = state.get("step")
         self.history, self.start_epoch = state["history"], state["epoch"] + (1 if step is None else 0)
         self.steps[:] = state.get("steps", [])  # a checkpoint older than step records has none

@@ -223,3 +223,75 @@ def test_harvest_on_two_ranks_checkpoints_every_ranks_maps(data, tmp_path):
     cache = torch.load(tmp_path / "harvest" / "checkpoint.pt", weights_only=False)["cache"]
     rewritten = (cache["pending_maps"] != cache["maps"]).flatten(2).any(-1)  # (K, N): harvested after the publish
     assert float(rewritten.float().mean()) > 0.99, float(rewritten.float().mean())
+
+
+@pytest.fixture(scope="module")
+def two_rank_straight(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("two-rank")
+    args = common(data, out, "--ensemble", "2", "--subset", "384", "--epochs", "3", "--nproc", "2", "--log-every", "4")
+    result = gutout(*args, "--name", "straight")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return read_metrics(out / "straight")
+
+
+def without_timing(records: list[dict]) -> list[dict]:
+    timing = ("time/", "throughput/", "dist/", "step/img_per_s", "step/loader_wait_frac", "step/ms")
+    return [{k: v for k, v in r.items() if not k.startswith(timing)} for r in records]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_stop_signal_to_the_launcher_stops_both_ranks_at_one_step_and_resumes_exactly(
+    data, tmp_path, two_rank_straight, signum
+):
+    from gutout.train.trainer import PREEMPTED_EXIT
+
+    args = common(data, tmp_path, "--ensemble", "2", "--subset", "384", "--epochs", "3", "--nproc", "2")
+    args += ["--log-every", "4", "--name", "stopped"]
+    cmd = [sys.executable, "-m", "gutout", "train", "fashion-mnist", *args]
+    launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    run = tmp_path / "stopped"
+    deadline = time.time() + 300
+    while len(read_metrics(run)[1] if (run / "metrics.jsonl").exists() else []) < 4:  # inside epoch 1
+        assert launcher.poll() is None and time.time() < deadline, "the run ended before the signal could land"
+        time.sleep(0.02)
+    launcher.send_signal(signum)  # as SLURM or Kubernetes signals the job's main process: torchrun's agent
+    _, stderr = launcher.communicate(timeout=300)
+    message = stderr.decode()
+    assert launcher.returncode == PREEMPTED_EXIT, message[-3000:]
+    assert f"stopped by {signal.Signals(signum).name}" in message
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert state["epoch"] == 1 and 0 < state["step"] < 12, (state["epoch"], state["step"])  # both ranks, one step
+    assert all((run / f"member-{m}.epoch-1.step-{state['step']}.pt").exists() for m in (0, 1))
+    i = args.index("--nproc")
+    refused = gutout(*args[:i], *args[i + 2 :], "--resume")  # mid-epoch, the epoch's sums and data are per process
+    assert refused.returncode != 0 and "it resumes on 2 (--nproc 2), not 1" in refused.stderr, refused.stderr[-2000:]
+    resumed = gutout(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    epochs, steps = read_metrics(run)
+    assert without_timing(epochs) == without_timing(two_rank_straight[0])
+    assert without_timing(steps) == without_timing(two_rank_straight[1]) != []
+
+
+@pytest.mark.slow
+def test_an_epoch_end_checkpoint_of_two_ranks_resumes_in_one_process(data, tmp_path, two_rank_straight):
+    # One member per rank (W = K): no rank shards the data, so one process with both members continues exactly.
+    args = common(data, tmp_path, "--ensemble", "2", "--subset", "384", "--epochs", "3", "--log-every", "4")
+    args += ["--name", "moved"]
+    cmd = [sys.executable, "-m", "gutout", "train", "fashion-mnist", *args, "--nproc", "2"]
+    launcher = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    run = tmp_path / "moved"
+    deadline = time.time() + 300
+    while not (run / "checkpoint.pt").exists():  # the end of epoch 0
+        assert launcher.poll() is None and time.time() < deadline, "the run ended before the kill could land"
+        time.sleep(0.02)
+    os.killpg(launcher.pid, signal.SIGKILL)  # the node goes away: the launcher and both workers
+    launcher.wait()
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] is None
+    resumed = gutout(*args, "--resume", env=dict(os.environ, OMP_NUM_THREADS="1"))  # one thread, as each worker
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    epochs, steps = read_metrics(run)
+    assert without_timing(epochs) == without_timing(two_rank_straight[0])
+    assert without_timing(steps) == without_timing(two_rank_straight[1])
+    cache = SaliencyCache.load(run / "cache.gsc")
+    assert cache.members == 2 and bool(cache.valid.all())

@@ -106,7 +106,8 @@ def common_state(
     progress: dict | None = None,
 ) -> dict:
     """What every rank shares: the run's identity, the cache (both buffers), every RNG, the metrics so far (epoch
-    and step records); mid-epoch, also the steps done (`step`) and the epoch's running sums (`progress`)."""
+    and step records); mid-epoch, also the steps done (`step`) and the epoch's running sums (`progress`, one entry
+    per rank)."""
     return {
         "config": cfg.identity(),
         "epoch": epoch,

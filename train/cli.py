@@ -223,11 +223,23 @@ def train(dataset, config_file, milestones, nproc, max_restarts, **options):
 def launch(cfg, nproc: int, max_restarts: int) -> None:
     """Run `gutout train` in `nproc` local processes through torch's elastic launcher, as
     `torchrun --standalone --nproc-per-node N --max-restarts R -m gutout.train.cli train ...` would."""
+    import signal
     import tempfile
 
     import yaml
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.run import main as torchrun
 
+    from .trainer import PREEMPTED_EXIT, STOP_SIGNALS
+
+    # The launcher passes the signals it handles on to every worker, then waits its shutdown timeout before
+    # SIGKILL. Add the stop signals (SLURM's --signal sends SIGUSR1) to its list, and wait long enough for a step
+    # and a checkpoint inside SLURM's two-minute warning; the environment's own settings win.
+    # (torchrun's --signals-to-handle reads PET_SIGNALS_TO_HANDLE; launchers without that option read the other.)
+    handled = ",".join(dict.fromkeys(["SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", *(s.name for s in STOP_SIGNALS)]))
+    for variable in ("PET_SIGNALS_TO_HANDLE", "TORCHELASTIC_SIGNALS_TO_HANDLE"):
+        os.environ.setdefault(variable, handled)
+    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "100")
     values = cfg.to_dict()
     values["milestones"] = list(values["milestones"])
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="gutout-launch-", delete=False) as f:
@@ -249,6 +261,16 @@ def launch(cfg, nproc: int, max_restarts: int) -> None:
                 f.name,
             ]
         )
+    except SignalException as err:  # the workers got the same signal and have exited (or were killed)
+        if err.sigval in STOP_SIGNALS:
+            click.echo(
+                f"\nstopped by {err.sigval.name}: every rank stopped at the same step and checkpointed it; "
+                f"continue with --resume (run directory {cfg.run_dir})",
+                err=True,
+            )
+            sys.exit(PREEMPTED_EXIT)
+        click.echo(f"\ninterrupted by {err.sigval.name}: continue from the last checkpoint with --resume", err=True)
+        sys.exit(128 + signal.Signals(err.sigval).value)
     except Exception as err:  # noqa: BLE001 - the launcher's ChildFailedError, with the failing rank's report
         _fail(f"distributed run failed: {err}")
     finally:

@@ -127,6 +127,14 @@ class Runtime:
         dist.all_reduce(t)
         return t.tolist()
 
+    def all_gather_objects(self, value) -> list:
+        """Every rank's `value` (any picklable object), in rank order."""
+        if not self.distributed:
+            return [value]
+        gathered: list = [None] * self.world
+        dist.all_gather_object(gathered, value)
+        return gathered
+
     def all_gather_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """Concatenate every rank's `rows` (n_r, ...) along dim 0 (ranks may hold different n_r)."""
         if not self.distributed:

@@ -29,7 +29,7 @@ from .diversity import class_cams, peer_cams, similarity
 from .evaluation import Evaluator
 from .members import NonFiniteLoss, build_member, check_finite, epoch_record, new_model, probe_layer
 from .report import NoProgress, epoch_line
-from .rundir import RunDirectoryLock, check_run_dir, git_revision, record_run, writing
+from .rundir import ResumeMismatch, RunDirectoryLock, check_run_dir, git_revision, record_run, writing
 from .steplog import StepWindow
 from .tracking import Tracker
 
@@ -151,7 +151,16 @@ class Trainer:
         self.history, self.start_epoch = state["history"], state["epoch"] + (1 if step is None else 0)
         self.steps[:] = state.get("steps", [])  # a checkpoint older than step records has none
         self.checkpointed_epoch, self.checkpointed_step = state["epoch"], step
-        self.resume_progress = None if step is None else {"step": step, **state["progress"]}
+        if step is not None:
+            ranks = state["progress"]  # one entry per rank of the run that wrote it (one process: a dict, before)
+            ranks = [ranks] if isinstance(ranks, dict) else ranks
+            if len(ranks) != self.runtime.world:
+                raise ResumeMismatch(
+                    f"the checkpoint in {self.run_dir} stopped in the middle of epoch {state['epoch']} on "
+                    f"{len(ranks)} processes; it resumes on {len(ranks)} (--nproc {len(ranks)}), not "
+                    f"{self.runtime.world}: the epoch's data is sharded by process"
+                )
+            self.resume_progress = {"step": step, **ranks[self.runtime.rank]}
         return True
 
     def init_from(self, run_dir) -> int:
@@ -277,12 +286,15 @@ class Trainer:
             if (step + 1) % window.every == 0 or step + 1 == steps:
                 window.close(step)
             if step + 1 < steps and self._checkpoint_due(step + 1):
-                progress_state = dict(
-                    images=images_seen,
-                    wait=wait,
-                    harvest_s=harvest_time,
-                    elapsed=time.perf_counter() - start,
-                    window=window.state(),
+                # Each rank's own running sums (its members' losses, its images and waits), in rank order.
+                progress_state = self.runtime.all_gather_objects(
+                    dict(
+                        images=images_seen,
+                        wait=wait,
+                        harvest_s=harvest_time,
+                        elapsed=time.perf_counter() - start,
+                        window=window.state(),
+                    )
                 )
                 with writing(f"the checkpoint of step {step + 1} of epoch {epoch} in {self.run_dir}"):
                     self.save_checkpoint(epoch, step + 1, progress_state)

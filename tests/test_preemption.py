@@ -103,6 +103,29 @@ def test_sigkill_after_a_periodic_checkpoint_resumes_exactly(data, tmp_path, str
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_sigterm_mid_epoch_resumes_exactly_on_the_torch_and_dali_backends(data, tmp_path, backend):
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    straight = subprocess.run(command(data, tmp_path, "straight", "--backend", backend), env=ENV, capture_output=True)
+    assert straight.returncode == 0, straight.stderr.decode()[-2000:]
+    run = tmp_path / "stopped"
+    process = subprocess.Popen(
+        command(data, tmp_path, "stopped", "--backend", backend), env=ENV, stdout=subprocess.DEVNULL
+    )
+    wait_for(lambda: steps_logged(run) >= 4, process)  # inside epoch 1
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=600)
+    assert process.returncode == PREEMPTED_EXIT
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] is not None  # stopped mid-epoch
+    resumed = subprocess.run(
+        command(data, tmp_path, "stopped", "--backend", backend, "--resume"), env=ENV, capture_output=True
+    )
+    assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]
+    assert untimed(run) == untimed(tmp_path / "straight")
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("damaged", ["common", "member"])
 def test_a_damaged_latest_checkpoint_is_named_and_the_previous_one_resumes_exactly(data, tmp_path, straight, damaged):
     run = tmp_path / "damaged"

@@ -20,6 +20,7 @@ import tempfile
 import time
 
 import torch
+from _runs import bench_config
 
 from gutout.train.compare import run_overrides
 from gutout.train.config import TrainConfig
@@ -68,15 +69,12 @@ def main(argv=None) -> None:
     unknown = sorted(set(arms) - set(ARMS))
     if unknown:
         parser.error(f"unknown arm(s) {', '.join(unknown)}; arms: {', '.join(ARMS)}")
-    base = TrainConfig(
+    base = bench_config(
         data=args.data,
         subset=args.samples,
         epochs=args.epochs,
         eval_batch_size=args.eval_batch_size,
         device=args.device,
-        wandb="disabled",
-        sample_grid=0,
-        progress=False,
     )
     print(
         f"# gutout train, fashion-mnist, {args.samples} samples, {args.epochs} epochs, eval/refresh batch "

@@ -6,7 +6,10 @@
 #   2. benchmarks: the cut stage (fused kernel vs torch reference vs a normalise pass), Grad-CAM, and ResNet-50
 #      AMP training-step images/s at batch 256 (no stage, Cutout, Gutout);
 #   3. one epoch of a K = 2 peer-Gutout ensemble on Fashion-MNIST, AMP, tensor backend;
-#   4. the Fashion-MNIST comparison (gutout compare) with the tensor backend.
+#   4. the study's comparison at a scale the CPU cannot reach: the full Fashion-MNIST training set (5,000 held out
+#      for validation), ResNet-20, Cutout side 1/4 as the reference, K = 1; every (arm, seed) its own process on
+#      the one GPU, all at once, each cut off after $STUDY_SECONDS; then one `gutout compare` writes the table of
+#      the runs that finished (it starts none).
 # Results go to $OUT (or runs/gpu-check): 7 files. Fashion-MNIST is read from .data/fashion-mnist when present
 # (carry the Debian files there), else from the usual places.
 # `--dry-run` runs the very same steps on the CPU at tiny sizes, on a generated stand-in for Fashion-MNIST.
@@ -75,15 +78,21 @@ if [ $DRY = 1 ]; then
   GRADCAM_ARGS=(--models resnet18 --batch 2 --size 64 --repeats 1)
   STEP_ARGS=(--model resnet18 --batch 4 --size 64 --steps 1 --blocks 1)
   TRAIN_ARGS=(--subset 128 --batch-size 32)
-  COMPARE_ARGS=(--runs none,gutout-threshold --seeds 1 --epochs 1 --subset 64 --val-split 64 --batch-size 32)
+  STUDY_ARMS=none,gutout-threshold
+  STUDY_SEEDS=1
+  STUDY_ARGS=(--epochs 1 --subset 64 --val-split 64 --batch-size 32)
+  STUDY_REFERENCE=none
 else
   DEVICE=cuda
   STAGE_ARGS=(--repeats 50)
   GRADCAM_ARGS=(--repeats 20)
   STEP_ARGS=()
   TRAIN_ARGS=()
-  # Single models (K = 1), 6 configurations x 3 seeds, seed-major so a spent budget still covers each.
-  COMPARE_ARGS=(--seeds 3 --epochs 4 --time-budget 240)
+  # The CPU study's arms (docs/regime-screen.md chose the model and the reference), 5 x 3 = 15 processes.
+  STUDY_ARMS=none,cutout-0.25,keep-0.25,gutout-threshold,gutout-sigma
+  STUDY_SEEDS=3
+  STUDY_ARGS=(--model resnet20 --epochs 10)
+  STUDY_REFERENCE=cutout-0.25
 fi
 step tests env GUTOUT_TEST_DEVICE=$DEVICE $PY -m pytest -q -rs tests/test_kernels.py tests/test_device.py \
   tests/test_cut.py tests/test_gradcam.py
@@ -93,8 +102,24 @@ step benches sh -c "$PY bench/stage.py --device $DEVICE ${STAGE_ARGS[*]} && \
   $PY bench/gradcam.py --device $DEVICE ${GRADCAM_ARGS[*]} && $PY bench/train_step.py --device $DEVICE ${STEP_ARGS[*]}"
 step train $PY -m gutout.train.cli train fashion-mnist "${DATA_ARGS[@]}" --ensemble 2 --epochs 1 --device $DEVICE \
   --backend tensor --wandb disabled --out train --no-progress "${TRAIN_ARGS[@]}"
-step compare $PY -m gutout.train.cli compare fashion-mnist "${DATA_ARGS[@]}" --device $DEVICE --backend tensor \
-  --out compare --no-progress "${COMPARE_ARGS[@]}"
+study() {  # every (arm, seed) at once, one process each, then the table of those that finished
+  local pids=() arm seed failed=0
+  for seed in $(seq 0 $((STUDY_SEEDS - 1))); do
+    for arm in ${STUDY_ARMS//,/ }; do
+      timeout "${STUDY_SECONDS:-300}" $PY -m gutout.train.cli compare fashion-mnist "${DATA_ARGS[@]}" \
+        --device $DEVICE --backend tensor --out compare --no-progress --runs "$arm" --seeds "$seed-$seed" \
+        "${STUDY_ARGS[@]}" >"compare-$arm-$seed.log" 2>&1 &
+      pids+=($!)
+    done
+  done
+  for pid in "${pids[@]}"; do wait "$pid" || failed=$((failed + 1)); done
+  for log in compare-*.log; do echo "--- $log"; tail -n 2 "$log"; done
+  echo "$((${#pids[@]} - failed)) of ${#pids[@]} runs finished in time"
+  $PY -m gutout.train.cli compare fashion-mnist "${DATA_ARGS[@]}" --device $DEVICE --backend tensor --out compare \
+    --no-progress --runs "$STUDY_ARMS" --seeds "$STUDY_SEEDS" --reference "$STUDY_REFERENCE" --time-budget 0 \
+    "${STUDY_ARGS[@]}"
+}
+step compare study
 compare_results compare
 echo "gpu_check: $([ $status = 0 ] && echo passed || echo FAILED); results in $OUT"
 exit $status

@@ -34,4 +34,5 @@ def test_gpu_check_dry_run(tmp_path):
     tests = (tmp_path / "tests.txt").read_text()
     assert " passed" in tests and " failed" not in tests
     assert "| ensemble |" in (tmp_path / "train.txt").read_text()
+    assert "2 of 2 runs finished in time" in (tmp_path / "compare.txt").read_text()  # one process per (arm, seed)
     assert "| gutout-threshold | 0.5 | 0 |" in (tmp_path / "compare-results.md").read_text()

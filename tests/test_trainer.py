@@ -396,3 +396,20 @@ def test_gutout_area_matches_cutouts_measured_erased_area():
     assert float(erased) == pytest.approx(area, rel=0.02)
     with pytest.raises(ConfigError, match="Cutout side 1.5"):
         cutout_erased_fraction(1.5)
+
+
+def test_eval_every_skips_scoring_between_and_changes_nothing_else(data, tmp_path):
+    from tests.conftest import small_run
+
+    runs = {n: small_run(data, tmp_path, name=f"every-{n}", epochs=3, eval_every=n, val_split=64) for n in (1, 2)}
+    for cfg in runs.values():
+        Trainer(cfg, log=lambda *a: None).run()
+    every, second = (read_run_metrics(tmp_path / f"every-{n}")[0] for n in (1, 2))
+    assert ["val/ensemble/acc" in r for r in second] == [False, True, True]  # epoch 1, and the last always
+    assert second[0]["time/eval_s"] < every[0]["time/eval_s"]
+    untimed = lambda r: {k: v for k, v in r.items() if not k.startswith(("time/", "throughput/"))}  # noqa: E731
+    # Scoring draws no randomness: the training and the last epoch's metrics are the same either way.
+    assert untimed(second[-1]) == untimed(every[-1])
+    assert {k: v for k, v in untimed(every[0]).items() if not k.startswith("val/")} == untimed(second[0])
+    with pytest.raises(ConfigError, match="eval_every"):
+        make_config(eval_every=0)

@@ -161,6 +161,7 @@ def _pair(ctx, param, value, kind=float):
 @option("--amp/--no-amp", "Mixed precision and channels-last, on CUDA only", default="on")
 @option("--num-threads", "DALI threads / DataLoader workers", type=int)
 @option("--eval-batch-size", "Batch size of evaluation and refresh", type=int)
+@option("--eval-every", "Score the per-epoch split every N epochs (and after the last)", type=int)
 @option("--seed", "Seed", type=int)
 @option("--wandb", "W&B mode", type=click.Choice(WANDB_MODES))
 @option("--wandb-project", "W&B project")

@@ -96,6 +96,9 @@ class TrainConfig(CutConfig):
     amp: bool = True  # mixed precision and channels-last, on CUDA only
     num_threads: int = LoaderConfig.num_threads
     eval_batch_size: int = 1024
+    # Score the per-epoch split (val, else test) every N epochs, and always after the last; the epochs between log
+    # training metrics only. For long runs where evaluation is a large share of an epoch (a small training subset).
+    eval_every: int = 1
     seed: int = 0
     wandb: str = "offline"  # "offline" (the run lands in the run directory), "online", or "disabled"
     wandb_project: str = "gutout"
@@ -136,6 +139,7 @@ class TrainConfig(CutConfig):
             batch_size=1,
             refresh_every=1,
             eval_batch_size=1,
+            eval_every=1,
             num_threads=0,
             cut_start=0,
             sample_grid=0,

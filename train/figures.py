@@ -62,7 +62,7 @@ def save_curves(history: list[dict], members: int, path: Path, steps: list[dict]
 
     if not history:
         return
-    split = "val" if "val/ensemble/acc" in history[0] else "test"  # what every epoch was scored on
+    split = "val" if any("val/ensemble/acc" in r for r in history) else "test"  # what the epochs were scored on
     records = [r for r in history if f"{split}/ensemble/acc" in r]
     epochs = [r["epoch"] for r in records]
     panels = 3 if steps else 2

@@ -14,11 +14,15 @@ def eval_split(record: dict) -> str:
 
 def epoch_line(record: dict, members: int) -> str:
     split = eval_split(record)
-    accs = " ".join(f"{100 * record[f'{split}/member/{m}/acc']:.2f}" for m in range(members))
+    scores = "not scored (--eval-every)"
+    if f"{split}/ensemble/acc" in record:
+        accs = " ".join(f"{100 * record[f'{split}/member/{m}/acc']:.2f}" for m in range(members))
+        scores = (
+            f"{split} members {accs} | ensemble {100 * record[f'{split}/ensemble/acc']:.2f}% "
+            f"| disagreement {100 * record[f'{split}/ensemble/disagreement']:.1f}%"
+        )
     return (
-        f"epoch {record['epoch']}: {split} members {accs} | ensemble {100 * record[f'{split}/ensemble/acc']:.2f}% "
-        f"| disagreement {100 * record[f'{split}/ensemble/disagreement']:.1f}% "
-        f"| erased {100 * record['gutout/erased_frac']:.1f}% "
+        f"epoch {record['epoch']}: {scores} | erased {100 * record['gutout/erased_frac']:.1f}% "
         f"| {record['throughput/train_img_per_s']:.0f} img/s | refresh {record['time/refresh_s']:.1f} s"
     )
 

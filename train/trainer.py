@@ -435,9 +435,11 @@ class Trainer:
         if self.runtime.distributed:
             record["dist/cache_bytes_received"] = received
         evaluating = time.perf_counter()
-        metrics, logits = self.evaluate(self.eval_split)
-        record.update(metrics)
-        if epoch == self.cfg.epochs - 1:
+        last = epoch == self.cfg.epochs - 1
+        if last or (epoch + 1) % self.cfg.eval_every == 0:
+            metrics, logits = self.evaluate(self.eval_split)
+            record.update(metrics)
+        if last:
             record.update(self.evaluator.final({"val": self.val_set, "test": self.test_set}, self.eval_split, logits))
         self._boundary = time.perf_counter()
         record["time/eval_s"] = self._boundary - evaluating

@@ -413,3 +413,27 @@ def test_eval_every_skips_scoring_between_and_changes_nothing_else(data, tmp_pat
     assert {k: v for k, v in untimed(every[0]).items() if not k.startswith("val/")} == untimed(second[0])
     with pytest.raises(ConfigError, match="eval_every"):
         make_config(eval_every=0)
+
+
+def test_checkpoint_minutes_writes_mid_epoch_checkpoints_by_the_clock(data, tmp_path, monkeypatch):
+    from gutout.train import checkpoint
+    from tests.conftest import small_run
+
+    saved = checkpoint.save
+    positions = []  # (epoch, step) of every checkpoint written; step None at an epoch's end
+
+    def recording_save(run_dir, epoch, members, common, layout, runtime, step=None, keep_latest=True):
+        positions.append((epoch, step))
+        saved(run_dir, epoch, members, common, layout, runtime, step, keep_latest)
+
+    monkeypatch.setattr(checkpoint, "save", recording_save)
+    for name, minutes, expected in (
+        ("often", 1e-9, [(0, 1), (0, 2), (0, 3), (0, None)]),  # 128 samples, batch 32: after each step but the last
+        ("seldom", 60.0, [(0, None)]),
+    ):
+        positions.clear()
+        cfg = small_run(data, tmp_path, name=name, epochs=1, subset=128, checkpoint_minutes=minutes)
+        Trainer(cfg, log=lambda *a: None).run()
+        assert positions == expected, name
+    with pytest.raises(ConfigError, match="checkpoint_minutes"):
+        make_config(checkpoint_minutes=0)

@@ -173,6 +173,9 @@ def _pair(ctx, param, value, kind=float):
 )
 @option("--sample-grid", "Images in the per-epoch sample grid (0: none)", type=int)
 @option("--checkpoint-every", "Also checkpoint every N steps inside an epoch", type=int, default="epoch ends only")
+@option(
+    "--checkpoint-minutes", "Also checkpoint every M minutes inside an epoch", type=float, default="epoch ends only"
+)
 @option("--log-every", "A step record every N steps", type=int, default="about 20 per epoch, at least every 50 steps")
 @option("--progress/--no-progress", "Progress bars", default="on a terminal")
 @click.option("--config", "config_file", type=click.Path(), help="YAML/TOML file of options (CLI options win).")

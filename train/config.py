@@ -113,6 +113,8 @@ class TrainConfig(CutConfig):
     # Also checkpoint every N optimiser steps inside an epoch (a preempted or killed run loses at most N steps).
     # None: at epoch ends, and when SIGTERM / SIGUSR1 asks the run to stop.
     checkpoint_every: int | None = None
+    # ... or every M minutes of wall time (with several ranks, when any rank's clock says so: one all-reduce).
+    checkpoint_minutes: float | None = None
     progress: bool | None = None  # progress bars; None: when stderr is a terminal
 
     def __post_init__(self):
@@ -172,6 +174,8 @@ class TrainConfig(CutConfig):
             raise ConfigError(f"{name}.refresh_fraction={self.refresh_fraction!r} must be 1/N for a whole N (0.25)")
         if self.refresh_fraction < 1 and self.refresh != "pass":
             raise ConfigError(f"{name}.refresh_fraction applies to refresh 'pass', not {self.refresh!r}")
+        if self.checkpoint_minutes is not None:
+            check_range(name, "checkpoint_minutes", self.checkpoint_minutes, 0.0, 1e6, lo_open=True)
         check_range(name, "diversity_loss", self.diversity_loss, 0.0, 100.0)
         if self.diversity_loss > 0 and self.ensemble < 2:
             raise ConfigError(f"{name}.diversity_loss={self.diversity_loss!r} needs --ensemble >= 2 (a member's peers)")
@@ -232,7 +236,10 @@ class TrainConfig(CutConfig):
     # Options that may differ between a run and its resumption: where it lives (the run directory is found by
     # out/name already, so a default-named run resumed by its directory name is the same run), where it logs,
     # how it shows progress and how often it checkpoints.
-    RESUME_FREE = ("resume", "wandb", "progress", "device", "num_threads", "out", "name", "checkpoint_every")
+    RESUME_FREE = (
+        *("resume", "wandb", "progress", "device", "num_threads", "out", "name"),
+        *("checkpoint_every", "checkpoint_minutes"),
+    )
 
     def identity(self) -> dict[str, Any]:
         """What must match for `--resume` to continue a run."""

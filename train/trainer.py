@@ -119,6 +119,7 @@ class Trainer:
         self.checkpointed_epoch: int | None = None  # the last epoch whose checkpoint is complete on disk
         self.checkpointed_step: int | None = None  # ... and its steps, when that checkpoint is mid-epoch
         self._latest_damaged = False  # resumed from the previous checkpoint: the next save must not keep the latest
+        self._checkpointed_at = time.monotonic()  # when the last checkpoint was written (--checkpoint-minutes)
         self.stop_signal: int | None = None  # SIGTERM / SIGUSR1 received: stop after the current step
         # An epoch's wall time runs from the previous epoch's last metric to its own, so the previous epoch's
         # logging and checkpoint count in it: these carry that boundary across (None: the run's first epoch here).
@@ -137,6 +138,7 @@ class Trainer:
         checkpoint.save(self.run_dir, epoch, self.members, common, self.layout, self.runtime, step, keep_latest)
         # Complete from the rename on, whatever interrupts what follows.
         self.checkpointed_epoch, self.checkpointed_step, self._latest_damaged = epoch, step, False
+        self._checkpointed_at = time.monotonic()
         kept = [checkpoint.position(epoch, step)]
         if previous[0] is not None:
             kept.append(checkpoint.position(*previous))
@@ -312,15 +314,18 @@ class Trainer:
         return record
 
     def _checkpoint_due(self, done: int) -> bool:
-        """After `done` steps of an epoch: write a mid-epoch checkpoint (every --checkpoint-every steps, or because
-        a stop signal came; every rank agrees on the latter, so all stop at the same step)."""
+        """After `done` steps of an epoch: write a mid-epoch checkpoint (every --checkpoint-every steps, when
+        --checkpoint-minutes have passed since the last, or because a stop signal came; every rank agrees on the
+        last two, so all checkpoint at the same step)."""
         stop = self.stop_signal is not None
-        if self.runtime.distributed:  # one all-reduce per step: a signal may reach the ranks at different steps
-            stop = self.runtime.all_sum([float(stop)], self.device)[0] > 0
+        minutes = self.cfg.checkpoint_minutes
+        timely = minutes is not None and time.monotonic() - self._checkpointed_at >= 60 * minutes
+        if self.runtime.distributed:  # one all-reduce per step: signals and clocks differ between ranks
+            stop, timely = (flag > 0 for flag in self.runtime.all_sum([float(stop), float(timely)], self.device))
             if stop and self.stop_signal is None:
                 self.stop_signal = signal.SIGTERM  # a peer's signal
         every = self.cfg.checkpoint_every
-        return stop or (every is not None and done % every == 0)
+        return stop or timely or (every is not None and done % every == 0)
 
     def _step(self, member, batch, harvest: bool) -> tuple[torch.Tensor, int, float]:
         """One optimiser step of `member` on `batch`, with the cut samples' clean views joined (--pair), the

@@ -295,3 +295,25 @@ def test_an_epoch_end_checkpoint_of_two_ranks_resumes_in_one_process(data, tmp_p
     assert without_timing(steps) == without_timing(two_rank_straight[1])
     cache = SaliencyCache.load(run / "cache.gsc")
     assert cache.members == 2 and bool(cache.valid.all())
+
+
+@pytest.mark.slow
+def test_a_sharded_members_epoch_end_checkpoint_resumes_in_one_process(data, tmp_path):
+    # K = 1 on 2 ranks: one DDP group, each rank half of each epoch. One process then reads every sample itself:
+    # not the same numbers as an uninterrupted 2-rank run, but a complete run with a complete cache.
+    args = common(data, tmp_path, "--ensemble", "1", "--subset", "256", "--epochs", "2", "--name", "resharded")
+    cmd = [sys.executable, "-m", "gutout", "train", "fashion-mnist", *args, "--nproc", "2"]
+    launcher = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    run = tmp_path / "resharded"
+    deadline = time.time() + 300
+    while not (run / "checkpoint.pt").exists():  # the end of epoch 0
+        assert launcher.poll() is None and time.time() < deadline, "the run ended before the kill could land"
+        time.sleep(0.02)
+    os.killpg(launcher.pid, signal.SIGKILL)
+    launcher.wait()
+    resumed = gutout(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stdout
+    assert [r["epoch"] for r in metrics(run)] == [0, 1]
+    cache = SaliencyCache.load(run / "cache.gsc")
+    assert cache.members == 1 and bool(cache.valid.all())

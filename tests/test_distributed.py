@@ -273,20 +273,26 @@ def test_a_stop_signal_to_the_launcher_stops_both_ranks_at_one_step_and_resumes_
     assert without_timing(steps) == without_timing(two_rank_straight[1]) != []
 
 
+def kill_two_ranks_after_the_first_checkpoint(args: list[str], run: Path) -> None:
+    """Train `args` on 2 ranks until `run` holds its first checkpoint (epoch 0's end), then SIGKILL the launcher and
+    both workers at once, as when the node goes away."""
+    cmd = [sys.executable, "-m", "gutout", "train", "fashion-mnist", *args, "--nproc", "2"]
+    launcher = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not (run / "checkpoint.pt").exists():
+        assert launcher.poll() is None and time.time() < deadline, "the run ended before the kill could land"
+        time.sleep(0.02)
+    os.killpg(launcher.pid, signal.SIGKILL)
+    launcher.wait()
+
+
 @pytest.mark.slow
 def test_an_epoch_end_checkpoint_of_two_ranks_resumes_in_one_process(data, tmp_path, two_rank_straight):
     # One member per rank (W = K): no rank shards the data, so one process with both members continues exactly.
     args = common(data, tmp_path, "--ensemble", "2", "--subset", "384", "--epochs", "3", "--log-every", "4")
     args += ["--name", "moved"]
-    cmd = [sys.executable, "-m", "gutout", "train", "fashion-mnist", *args, "--nproc", "2"]
-    launcher = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     run = tmp_path / "moved"
-    deadline = time.time() + 300
-    while not (run / "checkpoint.pt").exists():  # the end of epoch 0
-        assert launcher.poll() is None and time.time() < deadline, "the run ended before the kill could land"
-        time.sleep(0.02)
-    os.killpg(launcher.pid, signal.SIGKILL)  # the node goes away: the launcher and both workers
-    launcher.wait()
+    kill_two_ranks_after_the_first_checkpoint(args, run)
     assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] is None
     resumed = gutout(*args, "--resume", env=dict(os.environ, OMP_NUM_THREADS="1"))  # one thread, as each worker
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -302,15 +308,8 @@ def test_a_sharded_members_epoch_end_checkpoint_resumes_in_one_process(data, tmp
     # K = 1 on 2 ranks: one DDP group, each rank half of each epoch. One process then reads every sample itself:
     # not the same numbers as an uninterrupted 2-rank run, but a complete run with a complete cache.
     args = common(data, tmp_path, "--ensemble", "1", "--subset", "256", "--epochs", "2", "--name", "resharded")
-    cmd = [sys.executable, "-m", "gutout", "train", "fashion-mnist", *args, "--nproc", "2"]
-    launcher = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     run = tmp_path / "resharded"
-    deadline = time.time() + 300
-    while not (run / "checkpoint.pt").exists():  # the end of epoch 0
-        assert launcher.poll() is None and time.time() < deadline, "the run ended before the kill could land"
-        time.sleep(0.02)
-    os.killpg(launcher.pid, signal.SIGKILL)
-    launcher.wait()
+    kill_two_ranks_after_the_first_checkpoint(args, run)
     resumed = gutout(*args, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming" in resumed.stdout

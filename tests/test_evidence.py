@@ -173,6 +173,26 @@ def test_parse_seeds():
             parse_seeds(bad)
 
 
+def test_compare_records_outlive_the_run_directories(data, tmp_path):
+    records = tmp_path / "records"
+    options = "--runs none,cutout --seeds 1 --epochs 1 --subset 64 --val-split 64 --batch-size 32 --no-progress"
+    args = ["compare", "fashion-mnist", "--data", str(data), *options.split(), "--records", str(records)]
+    first = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "a")])
+    assert first.exit_code == 0, first.output
+    kept = records / "fashion-mnist-none-k1-s0"
+    assert sorted(p.name for p in kept.iterdir()) == ["config.yaml", "metrics.jsonl"]
+    assert read_metrics(kept) == ([read_metrics(tmp_path / "a" / "fashion-mnist-none-k1-s0")[0][-1]], [])
+    # Another --out, where no run directory exists: nothing trains, and the table is the same.
+    again = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "b")])
+    assert again.exit_code == 0 and again.output.count(f"done already (kept in {records})") == 2, again.output
+    assert not (tmp_path / "b" / "fashion-mnist-none-k1-s0").exists()
+    table = lambda out: (out / "results.md").read_text().split("| run |")[1]  # noqa: E731 - rows, not the command
+    assert table(tmp_path / "a") == table(tmp_path / "b")
+    # A kept record of another configuration is refused, naming the option that differs.
+    other = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "c"), "--batch-size", "16"])
+    assert other.exit_code != 0 and "batch_size=32 there, 16 here" in other.output, other.output
+
+
 # -- paired statistics ----------------------------------------------------------------------------------------------
 
 

@@ -326,8 +326,14 @@ COMPARE_VAL_SPLIT = {"fashion-mnist": 5000}
     help="YAML/TOML file of training options, and of named arms under `arms:` ({name: {option: value}}).",
 )
 @click.option("--time-budget", type=float, help="Start no new run after this many seconds (results from the rest).")
+@click.option(
+    "--records",
+    type=click.Path(file_okay=False),
+    help="Folder of finished runs' final records (config.yaml and the last metrics line, a few KB each): a run "
+    "kept there counts as done, and every finished run is kept there. Commit it: tables outlive their runs.",
+)
 @click.option("--progress/--no-progress", default=None)
-def compare(dataset, runs, seeds, reference, split, config_file, time_budget, p, **options):
+def compare(dataset, runs, seeds, reference, split, config_file, time_budget, records, p, **options):
     """Train each arm with each seed (finished runs are not repeated); write results.md/.png with paired statistics."""
     from .compare import Arms, parse_seeds, run_all, summarise, write_results
     from .report import tqdm_progress
@@ -356,6 +362,7 @@ def compare(dataset, runs, seeds, reference, split, config_file, time_budget, p,
             log=click.echo,
             progress=tqdm_progress(base.progress),
             time_budget=time_budget,
+            records=None if records is None else Path(records),
         )
     except CorruptImage as err:
         _fail(err.message("--skip-corrupt"))

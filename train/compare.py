@@ -8,6 +8,7 @@ Cutout's square covers on average (clipped at the border), so the two compare at
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import statistics
 import time
@@ -134,24 +135,37 @@ def parse_seeds(text: str | int) -> list[int]:
     return seeds
 
 
-def check_same_run(cfg: TrainConfig) -> None:
-    """Refuse a run directory that holds another configuration's run, rather than report or resume it."""
-    if not (cfg.run_dir / "config.yaml").exists():
+def check_same_run(cfg: TrainConfig, run_dir: Path | None = None) -> None:
+    """Refuse a run directory (default: cfg's) that holds another configuration's run, rather than report or
+    resume it."""
+    run_dir = cfg.run_dir if run_dir is None else run_dir
+    if not (run_dir / "config.yaml").exists():
         return
-    saved = read_run_config(cfg.run_dir).identity()
+    saved = read_run_config(run_dir).identity()
     diffs = [f"{k}={there!r} there, {here!r} here" for k, there, here in identity_differences(saved, cfg.identity())]
     if diffs:
         raise ConfigError(
-            f"{cfg.run_dir} holds a run of another configuration ({'; '.join(diffs)}); "
+            f"{run_dir} holds a run of another configuration ({'; '.join(diffs)}); "
             "pass another --out, or move that run directory away"
         )
 
 
-def finished(cfg: TrainConfig) -> dict | None:
-    """The final metrics record of a completed run, or None."""
-    check_same_run(cfg)
-    records, _ = read_metrics(cfg.run_dir)
+def finished(cfg: TrainConfig, run_dir: Path | None = None) -> dict | None:
+    """The final metrics record of a completed run in `run_dir` (default: cfg's), or None."""
+    run_dir = cfg.run_dir if run_dir is None else run_dir
+    check_same_run(cfg, run_dir)
+    records, _ = read_metrics(run_dir)
     return records[-1] if records and records[-1].get("epoch") == cfg.epochs - 1 else None
+
+
+def keep_record(cfg: TrainConfig, record: dict, records: Path) -> None:
+    """Write a finished run's final record where `--records` keeps it: records/<run name>/ holds the run's
+    config.yaml and a metrics.jsonl of that one line, a few kilobytes that `finished` reads like the run itself
+    (checkpoints, step records and figures stay in the run directory)."""
+    kept = records / cfg.run_name
+    kept.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(kept / "config.yaml", (cfg.run_dir / "config.yaml").read_bytes())
+    atomic_write_bytes(kept / "metrics.jsonl", (json.dumps(record) + "\n").encode())
 
 
 def run_all(
@@ -162,11 +176,13 @@ def run_all(
     log=print,
     progress=None,
     time_budget: float | None = None,
+    records: Path | None = None,
 ) -> dict[str, dict[int, dict]]:
     """Train what is missing (resuming interrupted runs); returns {run: {seed: final record}}.
 
     Seed-major order (every run for seed 0, then seed 1, ...), so that when `time_budget` seconds are spent
-    and no further run starts, every configuration still has its first seeds.
+    and no further run starts, every configuration still has its first seeds. With `records` (a folder), a run
+    finished there counts as done, and every run finished here is kept there (keep_record).
     """
     from .trainer import Trainer
 
@@ -177,6 +193,12 @@ def run_all(
         for run in runs:
             cfg = arms.config(base, run, seed)
             record = finished(cfg)
+            if record is None and records is not None:
+                record = finished(cfg, records / cfg.run_name)
+                if record is not None:
+                    log(f"== {cfg.run_name}: done already (kept in {records})")
+                    results[run][seed] = record
+                    continue
             if record is None:
                 if time_budget is not None and time.monotonic() - start > time_budget:
                     log(f"== {cfg.run_name}: skipped, the time budget of {time_budget:.0f} s is spent")
@@ -186,6 +208,8 @@ def run_all(
                 record = Trainer(dataclasses.replace(cfg, resume=resume), log=log).run(progress=progress)
             else:
                 log(f"== {cfg.run_name}: done already")
+            if records is not None:
+                keep_record(cfg, record, records)
             results[run][seed] = record
     return {run: records for run, records in results.items() if records}
 

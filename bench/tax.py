@@ -61,7 +61,7 @@ def main(argv=None) -> None:
     parser.add_argument("--ensembles", default="1,2", help="K values, comma-separated")
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--rounds", type=int, default=1, help="runs per arm, interleaved; the median is reported")
-    parser.add_argument("--eval-batch-size", type=int, default=TrainConfig.eval_batch_size)
+    parser.add_argument("--eval-batch-size", type=int, help="default: the trainer's for the device")
     parser.add_argument("--data", default=None, help="Fashion-MNIST folder (default: the trainer's search)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
@@ -76,9 +76,10 @@ def main(argv=None) -> None:
         eval_batch_size=args.eval_batch_size,
         device=args.device,
     )
+    eval_batch = base.eval_batch_for(torch.device(args.device).type)
     print(
         f"# gutout train, fashion-mnist, {args.samples} samples, {args.epochs} epochs, eval/refresh batch "
-        f"{args.eval_batch_size}, {args.device} ({torch.get_num_threads()} threads), {args.rounds} round(s)"
+        f"{eval_batch}, {args.device} ({torch.get_num_threads()} threads), {args.rounds} round(s)"
     )
     print("| K | arm | run (s) | ratio to cutout | epoch (s) | train | refresh | eval | checkpoint | other | outside |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")

@@ -127,3 +127,24 @@ def test_run_directories_with_renamed_options_are_read_under_the_new_names(tmp_p
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(recorded))
     with pytest.raises(ConfigError, match="both"):
         read_run_config(tmp_path)
+
+
+def test_the_eval_batch_is_the_devices_unless_given(tmp_path):
+    from gutout.config import ConfigError
+    from gutout.train.config import EVAL_BATCH_SIZE
+    from gutout.train.trainer import Trainer
+    from tests.conftest import fake_fashion_mnist, small_run
+
+    assert TrainConfig().eval_batch_for("cpu") == EVAL_BATCH_SIZE["cpu"] != EVAL_BATCH_SIZE["cuda"]
+    assert TrainConfig().eval_batch_for("cuda") == EVAL_BATCH_SIZE["cuda"]
+    assert TrainConfig(eval_batch_size=48).eval_batch_for("cuda") == 48
+    data = fake_fashion_mnist(tmp_path / "data", n_train=64, n_test=32)
+    for given, used in [(None, EVAL_BATCH_SIZE["cpu"]), (48, 48)]:
+        trainer = Trainer(small_run(data, tmp_path / "runs", device="cpu", eval_batch_size=given), log=lambda *a: None)
+        assert trainer.eval_batch_size == trainer.evaluator.config.batch_size == used
+    for bad in (0, 2.5, True):
+        with pytest.raises(ConfigError, match=f"eval_batch_size={bad!r} must be an integer"):
+            make_config(eval_batch_size=bad)
+    help_text = CliRunner().invoke(main, ["train", "--help"]).output
+    listed = ", ".join(f"{device} {size}" for device, size in EVAL_BATCH_SIZE.items())
+    assert f"by device: {listed}" in " ".join(help_text.split())

@@ -17,6 +17,7 @@ from gutout.plan import BOX_CENTERS, COLD_STARTS, KERNELS, POLICIES, THRESHOLD_R
 from .config import (
     BACKENDS,
     DEVICES,
+    EVAL_BATCH_SIZE,
     PRESETS,
     REFRESH_MODES,
     SCHEDULES,
@@ -160,7 +161,12 @@ def _pair(ctx, param, value, kind=float):
 @option("--device", "Device", type=click.Choice(DEVICES))
 @option("--amp/--no-amp", "Mixed precision and channels-last, on CUDA only", default="on")
 @option("--num-threads", "DALI threads / DataLoader workers", type=int)
-@option("--eval-batch-size", "Batch size of evaluation and refresh", type=int)
+@option(
+    "--eval-batch-size",
+    "Batch size of evaluation and refresh",
+    type=int,
+    default="by device: " + ", ".join(f"{device} {size}" for device, size in EVAL_BATCH_SIZE.items()),
+)
 @option("--eval-every", "Score the per-epoch split every N epochs (and after the last)", type=int)
 @option("--seed", "Seed", type=int)
 @option("--wandb", "W&B mode", type=click.Choice(WANDB_MODES))

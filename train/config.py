@@ -40,6 +40,12 @@ CUTOUT_PAPER = dict(
 )
 PRESETS = {"cutout-paper": CUTOUT_PAPER}
 
+# The batch of the passes without a gradient step (evaluation, the saliency refresh) by device type, when
+# --eval-batch-size is not given. CPU: bench/eval_batch.py's fastest on a 2-core machine (batch 128; 1024 took
+# 1.84x as long, docs/eval-batch-2026-12-02-cpu.md). CUDA: large batches keep the device busy; 1024 is not
+# re-measured here (`bench/eval_batch.py --device cuda` does).
+EVAL_BATCH_SIZE = {"cpu": 128, "cuda": 1024}
+
 
 @dataclass(frozen=True)
 class TrainConfig(CutConfig):
@@ -95,7 +101,7 @@ class TrainConfig(CutConfig):
     device: str = "auto"  # "auto": cuda when available, else cpu
     amp: bool = True  # mixed precision and channels-last, on CUDA only
     num_threads: int = LoaderConfig.num_threads
-    eval_batch_size: int = 1024
+    eval_batch_size: int | None = None  # None: EVAL_BATCH_SIZE of the run's device type
     # Score the per-epoch split (val, else test) every N epochs, and always after the last; the epochs between log
     # training metrics only. For long runs where evaluation is a large share of an epoch (a small training subset).
     eval_every: int = 1
@@ -140,7 +146,6 @@ class TrainConfig(CutConfig):
             epochs=1,
             batch_size=1,
             refresh_every=1,
-            eval_batch_size=1,
             eval_every=1,
             num_threads=0,
             cut_start=0,
@@ -151,9 +156,10 @@ class TrainConfig(CutConfig):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < lo:
                 raise ConfigError(f"{name}.{key}={value!r} must be an integer >= {lo}")
-        for key in ("log_every", "checkpoint_every"):
-            if getattr(self, key) is not None and getattr(self, key) < 1:
-                raise ConfigError(f"{name}.{key}={getattr(self, key)!r} must be an integer >= 1")
+        for key in ("log_every", "checkpoint_every", "eval_batch_size"):  # None: the option's automatic value
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ConfigError(f"{name}.{key}={value!r} must be an integer >= 1")
         if self.subset is not None and (not isinstance(self.subset, int) or self.subset < 1):
             raise ConfigError(f"{name}.subset={self.subset!r} must be a positive integer")
         smallest = min_image_size(self.model_name)
@@ -225,6 +231,10 @@ class TrainConfig(CutConfig):
     @property
     def run_dir(self) -> Path:
         return Path(self.out) / self.run_name
+
+    def eval_batch_for(self, device_type: str) -> int:
+        """The batch size of evaluation and refresh on a device of `device_type` ("cpu", "cuda")."""
+        return self.eval_batch_size or EVAL_BATCH_SIZE.get(device_type, EVAL_BATCH_SIZE["cuda"])
 
     def cut_config(self) -> CutConfig:
         """The cut's options of this run, as the library's config."""

@@ -100,7 +100,8 @@ class Trainer:
             )
             for m in self.layout.members
         ]
-        eval_config = dataclasses.replace(self.loader_config, batch_size=cfg.eval_batch_size)
+        self.eval_batch_size = cfg.eval_batch_for(self.device.type)  # evaluation's and the refresh pass's
+        eval_config = dataclasses.replace(self.loader_config, batch_size=self.eval_batch_size)
         self.evaluator = Evaluator(
             {m.index: m.net for m in self.members},
             cfg.ensemble,
@@ -206,7 +207,7 @@ class Trainer:
                         member.net,
                         self.layer,
                         publish=False,
-                        batch_size=self.cfg.eval_batch_size,
+                        batch_size=self.eval_batch_size,
                         correct_only=self.cfg.correct_only,
                         part=self._refresh_part(epoch + 1),
                     )

@@ -142,6 +142,23 @@ def test_ddp_groups_and_several_members_per_rank(data, tmp_path):
     assert bad.returncode != 0 and "cannot place 2 ensemble members on 3 processes" in bad.stdout + bad.stderr
 
 
+@pytest.mark.slow
+def test_the_diversity_loss_on_two_ranks_is_the_one_process_penalty(data, tmp_path):
+    # Members (0, 2) on rank 0 and (1,) on rank 1: each member's penalty needs the maps of peers on the other rank,
+    # so the inputs and maps cross processes every step; the run must be the one-process run, digit for digit.
+    args = common(data, tmp_path, "--ensemble", "3", "--subset", "128", "--epochs", "1", "--policy", "none")
+    args += ["--diversity-loss", "1.0"]
+    two = gutout(*args, "--nproc", "2", "--name", "two")
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    one = gutout(*args, "--name", "one", env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    plain = gutout(*args[:-2], "--name", "plain", env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    record = untimed(metrics(tmp_path / "two")[-1])
+    assert untimed(metrics(tmp_path / "one")[-1]) == record
+    assert untimed(metrics(tmp_path / "plain")[-1])["test/member/0/nll"] != record["test/member/0/nll"]
+
+
 def _children(pid: int) -> list[int]:
     kids = []
     for stat in Path("/proc").glob("[0-9]*/stat"):

@@ -88,7 +88,7 @@ class TrainConfig(CutConfig):
     # follow the cold-start rule, as samples without a map do.
     correct_only: bool = False
     # λ of the SDDE penalty: λ x the mean cosine similarity of a member's true-class CAM and its peers' on its batch
-    # (train/diversity.py). 0: none. Ensembles (K >= 2) in one process.
+    # (train/diversity.py). 0: none. Ensembles (K >= 2), in one process or several (--nproc).
     diversity_loss: float = 0.0
     target: str = "label"  # Grad-CAM target: the true label, or "pred"
     backend: str = LoaderConfig.backend

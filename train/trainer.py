@@ -18,14 +18,13 @@ import torch
 import torch.nn.functional as F
 
 from gutout import ActivationCapture, SaliencyCache, StageConfig, cam_from_activations, warp_to_canonical
-from gutout.config import ConfigError
 from gutout.pipelines.loader import resolve_backend
 
 from . import checkpoint, figures
 from .config import TrainConfig
 from .data import load_splits, loader_config
 from .distributed import Runtime, plan_layout, resolve_device
-from .diversity import class_cams, peer_cams, similarity
+from .diversity import class_cams, exchange_peer_cams, similarity
 from .evaluation import Evaluator
 from .members import NonFiniteLoss, build_member, check_finite, epoch_record, new_model, probe_layer
 from .report import NoProgress, epoch_line
@@ -59,11 +58,6 @@ class Trainer:
         self.device = resolve_device(cfg.device, self.runtime.local_rank)
         self.runtime.start(self.device)
         self.layout = plan_layout(cfg.ensemble, self.runtime.world, self.runtime.rank)
-        if cfg.diversity_loss > 0 and self.runtime.distributed:
-            raise ConfigError(
-                "--diversity-loss needs every member in one process (each member's step reads its "
-                "peers' maps of the same batch); drop --nproc"
-            )
         self.runtime.member_groups(self.layout, cfg.ensemble)
         self.amp = cfg.amp and self.device.type == "cuda"
         self.train_set, self.val_set, self.test_set = load_splits(cfg)
@@ -271,11 +265,14 @@ class Trainer:
         bar.update(first * len(self.members))
         check_every = 1 if self.device.type == "cpu" else 25  # reading a loss syncs the GPU
         for step in range(first, steps):
-            for member, iterator in zip(self.members, iterators, strict=True):
+            fetched = []  # (batch, seconds waited for it), per member of this rank
+            for iterator in iterators:
                 fetch = time.perf_counter()
                 batch = next(iterator)
-                waited = time.perf_counter() - fetch
-                loss, forwarded, harvest_s = self._step(member, batch, harvest)
+                fetched.append((batch, time.perf_counter() - fetch))
+            peers = self._peer_maps([batch for batch, _ in fetched]) if cfg.diversity_loss > 0 else {}
+            for member, (batch, waited) in zip(self.members, fetched, strict=True):
+                loss, forwarded, harvest_s = self._step(member, batch, harvest, peers.get(member.index))
                 images_seen += forwarded
                 wait += waited
                 harvest_time += harvest_s
@@ -328,23 +325,41 @@ class Trainer:
         every = self.cfg.checkpoint_every
         return stop or timely or (every is not None and done % every == 0)
 
-    def _step(self, member, batch, harvest: bool) -> tuple[torch.Tensor, int, float]:
-        """One optimiser step of `member` on `batch`, with the cut samples' clean views joined (--pair), the
-        diversity penalty added (--diversity-loss), and maps harvested, as configured. Returns (the loss, images
-        forwarded, seconds spent harvesting)."""
-        cfg, diverse = self.cfg, self.cfg.diversity_loss > 0
+    def _inputs(self, member, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The images and labels `member` steps on: `batch`, with the cut samples' clean views joined (--pair)."""
         images, labels = batch.images, batch.labels
-        if cfg.pair:  # every cut sample's clean view joins the step
-            was_cut = member.loader.stats.last > 0  # (B,) erased fraction of this batch
+        if self.cfg.pair:  # every cut sample's clean view joins the step
+            was_cut = member.loader.stats.last > 0  # (B,) erased fraction of this member's latest batch
             images, labels = torch.cat([images, batch.clean[was_cut]]), torch.cat([labels, labels[was_cut]])
         if self.amp:
             images = images.contiguous(memory_format=torch.channels_last)
+        return images, labels
+
+    def _peer_maps(self, batches: list) -> dict[int, list[torch.Tensor]]:
+        """--diversity-loss: each member's peers' CAMs on its step inputs, made before any member steps, from the
+        peers wherever they train (train/diversity.py)."""
+        inputs = {m.index: self._inputs(m, batch) for m, batch in zip(self.members, batches, strict=True)}
+        with self._autocast():
+            return exchange_peer_cams(
+                {member.index: member.net for member in self.members},
+                inputs,
+                self.layout.shard_id,
+                self.cfg.ensemble,
+                self.layer,
+                self.runtime.all_gather_objects if self.runtime.distributed else None,
+            )
+
+    def _step(self, member, batch, harvest: bool, peers: list[torch.Tensor] | None = None):
+        """One optimiser step of `member` on `batch`, with the cut samples' clean views joined (--pair), the
+        diversity penalty against `peers` (their maps of this step's inputs) added, and maps harvested, as
+        configured. Returns (the loss, images forwarded, seconds spent harvesting)."""
+        cfg, diverse = self.cfg, peers is not None
+        images, labels = self._inputs(member, batch)
         capture = ActivationCapture(member.net, self.layer, keep_graph=diverse) if harvest or diverse else nullcontext()
         with self._autocast(), capture:
             logits = member.model(images)
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
-            if diverse:  # every member is on this process (checked at start)
-                peers = peer_cams([m.net for m in self.members if m is not member], self.layer, images, labels)
+            if diverse:
                 own = class_cams(capture.activations, member.net.fc.weight, labels)
                 loss = loss + cfg.diversity_loss * similarity(own, peers)
         member.optimizer.zero_grad(set_to_none=True)

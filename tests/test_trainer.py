@@ -411,6 +411,10 @@ def test_eval_every_skips_scoring_between_and_changes_nothing_else(data, tmp_pat
     # Scoring draws no randomness: the training and the last epoch's metrics are the same either way.
     assert untimed(second[-1]) == untimed(every[-1])
     assert {k: v for k, v in untimed(every[0]).items() if not k.startswith("val/")} == untimed(second[0])
+    # So a finished run counts as done for a comparison that scores less often (and resumes under it).
+    from gutout.train.compare import finished
+
+    assert finished(runs[2], tmp_path / "every-1") == every[-1]
     with pytest.raises(ConfigError, match="eval_every"):
         make_config(eval_every=0)
 

@@ -245,10 +245,11 @@ class TrainConfig(CutConfig):
 
     # Options that may differ between a run and its resumption: where it lives (the run directory is found by
     # out/name already, so a default-named run resumed by its directory name is the same run), where it logs,
-    # how it shows progress and how often it checkpoints.
+    # how it shows progress, how often it checkpoints, and how often it scores the per-epoch split (scoring draws
+    # no randomness: the training and the last epoch's record are the same, tests/test_trainer.py).
     RESUME_FREE = (
         *("resume", "wandb", "progress", "device", "num_threads", "out", "name"),
-        *("checkpoint_every", "checkpoint_minutes"),
+        *("checkpoint_every", "checkpoint_minutes", "eval_every"),
     )
 
     def identity(self) -> dict[str, Any]:

@@ -155,3 +155,20 @@ def test_member_files_sort_by_position():
         "member-0.epoch-2.pt",
         "member-0.epoch-10.step-1.pt",
     ]
+
+
+@pytest.mark.slow
+def test_compare_stopped_by_sigterm_says_so_and_the_same_command_resumes(data, tmp_path):
+    options = "--runs none,cutout --seeds 1 --epochs 2 --subset 256 --val-split 64 --batch-size 32 --no-progress"
+    args = ["compare", "fashion-mnist", "--data", str(data), "--out", str(tmp_path), *options.split()]
+    cmd = [sys.executable, "-m", "gutout.train.cli", *args]
+    process = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wait_for(lambda: steps_logged(tmp_path / "fashion-mnist-none-k1-s0") >= 3, process)  # inside the first run
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=600)
+    message = stderr.decode()
+    assert process.returncode == PREEMPTED_EXIT, message[-2000:]
+    assert "stopped by SIGTERM" in message and "the same command resumes" in message and "Traceback" not in message
+    again = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "fashion-mnist-none-k1-s0 (resuming)" in again.stdout and "| cutout | 1 | 0 | reference |" in again.stdout

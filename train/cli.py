@@ -343,6 +343,7 @@ def compare(dataset, runs, seeds, reference, split, config_file, time_budget, re
     """Train each arm with each seed (finished runs are not repeated); write results.md/.png with paired statistics."""
     from .compare import Arms, parse_seeds, run_all, summarise, write_results
     from .report import tqdm_progress
+    from .trainer import PREEMPTED_EXIT, Preempted
 
     run_names = [r.strip() for r in runs.split(",") if r.strip()]
     try:
@@ -377,6 +378,9 @@ def compare(dataset, runs, seeds, reference, split, config_file, time_budget, re
     except KeyboardInterrupt:
         click.echo("\ninterrupted: finished runs are kept; the same command continues the rest", err=True)
         sys.exit(130)
+    except Preempted as err:  # SIGTERM / SIGUSR1: the run in progress checkpointed where it stopped
+        click.echo(f"\n{err}\nfinished runs are kept; the same command resumes this one and runs the rest", err=True)
+        sys.exit(PREEMPTED_EXIT)
     if not results:
         _fail("no run finished, so there is nothing to report (check --runs, --seeds and --time-budget)")
     command = "gutout compare " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["compare"] else "gutout compare"

@@ -2,6 +2,8 @@
 correctly classified samples only (--correct-only) and the loss-space rival (--diversity-loss). The pixel-level
 variants (threshold rules, keep) are kernel cases (tests/conftest.py) and in tests/test_cut.py."""
 
+import threading
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,7 +13,7 @@ from gutout import ActivationCapture, SaliencyCache
 from gutout.pipelines import GutoutLoader
 from gutout.train.cli import main
 from gutout.train.config import make_config
-from gutout.train.diversity import class_cams, similarity
+from gutout.train.diversity import class_cams, exchange_peer_cams, similarity
 from gutout.train.models import build_model
 from gutout.train.tracking import read_metrics
 from gutout.train.trainer import Trainer
@@ -88,6 +90,37 @@ def test_diversity_loss_zero_is_todays_run_and_positive_changes_it(data, tmp_pat
         Trainer(cfg, log=lambda *a: None).run()
     assert [untimed(r) for r in records(tmp_path / "plain")] == [untimed(r) for r in records(tmp_path / "zero")]
     assert records(tmp_path / "some")[-1]["test/member/0/nll"] != records(tmp_path / "plain")[-1]["test/member/0/nll"]
+
+
+def test_peer_maps_reach_each_shard_of_a_ddp_group_from_the_process_that_holds_the_peer():
+    # Four processes: members 0 and 1, each trained by a DDP group of two (shards 0 and 1), every process with its
+    # own step inputs. Each must get its peer's maps of *its own* inputs, made by the process holding that peer
+    # and the same shard, exactly as one process holding both members makes them.
+    torch.manual_seed(0)
+    nets = [build_model("small-resnet", 3, 1).eval() for _ in range(2)]
+    layout = [(0, 0), (0, 1), (1, 0), (1, 1)]  # (member, shard) of ranks 0..3
+    inputs = [(torch.randn(4, 1, 16, 16), torch.randint(0, 3, (4,))) for _ in layout]
+    barrier, board, results = threading.Barrier(len(layout)), [None] * len(layout), [None] * len(layout)
+
+    def rank(r: int) -> None:
+        def gather(value):  # all_gather_object across the four threads
+            board[r] = value
+            barrier.wait()
+            everyone = list(board)
+            barrier.wait()
+            return everyone
+
+        member, shard = layout[r]
+        results[r] = exchange_peer_cams({member: nets[member]}, {member: inputs[r]}, shard, 2, "layer3", gather)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(len(layout))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for r, (member, _) in enumerate(layout):
+        alone = exchange_peer_cams({0: nets[0], 1: nets[1]}, {member: inputs[r]}, 0, 2, "layer3")
+        assert torch.equal(results[r][member][0], alone[member][0]), r
 
 
 def test_diversity_loss_options_are_checked(data, tmp_path):

@@ -72,6 +72,6 @@ def exchange_peer_cams(
         images, labels = images.to(device), labels.to(device)
         for peer, net in nets.items():
             if peer != owner:
-                made[(owner, peer)] = wire(peer_cams([net], layer, images, labels)[0])
-    maps = {key: value for part in gather(made) for key, value in part.items()}  # (owner, peer) keys are unique
-    return {m: [maps[(m, p)].to(device) for p in range(ensemble) if p != m] for m in inputs}
+                made[(owner, shard, peer)] = wire(peer_cams([net], layer, images, labels)[0])
+    maps = {key: value for part in gather(made) for key, value in part.items()}  # each key made by one process
+    return {m: [maps[(m, shard, p)].to(device) for p in range(ensemble) if p != m] for m in inputs}

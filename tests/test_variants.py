@@ -2,6 +2,7 @@
 correctly classified samples only (--correct-only) and the loss-space rival (--diversity-loss). The pixel-level
 variants (threshold rules, keep) are kernel cases (tests/conftest.py) and in tests/test_cut.py."""
 
+import copy
 import threading
 
 import pytest
@@ -111,7 +112,8 @@ def test_peer_maps_reach_each_shard_of_a_ddp_group_from_the_process_that_holds_t
             return everyone
 
         member, shard = layout[r]
-        results[r] = exchange_peer_cams({member: nets[member]}, {member: inputs[r]}, shard, 2, "layer3", gather)
+        net = copy.deepcopy(nets[member])  # each process its own replica (hooks are per module)
+        results[r] = exchange_peer_cams({member: net}, {member: inputs[r]}, shard, 2, "layer3", gather)
 
     threads = [threading.Thread(target=rank, args=(r,)) for r in range(len(layout))]
     for thread in threads:

@@ -88,6 +88,10 @@ class LoaderConfig:
     # DALI without a GPU: who resizes the train crops. "torch" (on the host, ~4x faster than DALI's CPU resize,
     # and the stage then cuts in the normalising pass) or "dali" (the whole graph in DALI).
     cpu_resize: str = "torch"
+    # DALI without a GPU: torch threads of the host finishing pass (resize, normalise, cut), which runs while DALI's
+    # threads decode the next batches. None: the cores DALI's threads leave, at least 1, so the two do not compete
+    # for cores (bench/loader.py measures both); 0: torch's own setting.
+    host_threads: int | None = None
 
     def __post_init__(self):
         check_types(self)
@@ -98,6 +102,8 @@ class LoaderConfig:
             raise ConfigError(f"{name}.batch_size={self.batch_size} must be >= 1")
         if self.image_size is not None and self.image_size < 1:
             raise ConfigError(f"{name}.image_size={self.image_size} must be >= 1")
+        if self.host_threads is not None and self.host_threads < 0:
+            raise ConfigError(f"{name}.host_threads={self.host_threads} must be >= 0 (0: torch's own setting)")
         if self.pad < 0:
             raise ConfigError(f"{name}.pad={self.pad} must be >= 0")
         lo, hi = self.crop_area

@@ -38,7 +38,7 @@ from .datasets import (
     check_images,
     describe_bad_files,
 )
-from .host_finish import HostFinish
+from .host_finish import HostFinish, host_thread_limit, torch_threads
 from .statistics import resolve_stats
 
 READER = "Reader"
@@ -315,13 +315,14 @@ class DaliFolderSource(_DaliSource):
         if self.host is None:
             return self._make_batch(_to_torch(images, self.device)[:n], indices, windows, flips)
         batch = self._make_batch(None, indices, windows, flips)
-        resized = self.host.resize([images[i] for i in range(n)], batch.flips)  # (n, 3, S, S) uint8
-        out = self.host.output(tuple(resized.shape))
-        if normalise_and_cut is None:
-            return batch._replace(images=self.host.normalise(resized, out))
-        images = normalise_and_cut(
-            resized, out, self.host.mean, self.host.std, batch.indices, batch.windows, batch.flips
-        )
+        with torch_threads(self.host_threads):  # beside DALI's threads, not against them
+            resized = self.host.resize([images[i] for i in range(n)], batch.flips)  # (n, 3, S, S) uint8
+            out = self.host.output(tuple(resized.shape))
+            if normalise_and_cut is None:
+                return batch._replace(images=self.host.normalise(resized, out))
+            images = normalise_and_cut(
+                resized, out, self.host.mean, self.host.std, batch.indices, batch.windows, batch.flips
+            )
         return batch._replace(images=images)
 
     def _fail(self, err: Exception, order: torch.Tensor, batch: int) -> DatasetError:
@@ -446,6 +447,7 @@ class DaliHostFolderSource(HostNormalisingSource, DaliFolderSource):
     def __init__(self, dataset: FolderDataset, view: str, config: LoaderConfig):
         super().__init__(dataset, view, config)
         self.host = HostFinish(self.image_size, self.mean, self.std, config.batch_size)
+        self.host_threads = host_thread_limit(config.host_threads, max(1, config.num_threads))
 
     def normalised_epoch(self, normalise_and_cut: NormaliseAndCut) -> Iterator[Batch]:
         return self._epoch(normalise_and_cut)

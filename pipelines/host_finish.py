@@ -13,6 +13,10 @@ mapped linearly (align_corners=False), then flipped.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 
@@ -100,3 +104,28 @@ class HostFinish:
 
     def normalise(self, resized: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         return normalise_uint8(resized, out, self.mean, self.std)
+
+
+def host_thread_limit(host_threads: int | None, dali_threads: int) -> int | None:
+    """The torch threads of the host pass (LoaderConfig.host_threads): None for torch's own setting."""
+    if host_threads == 0:
+        return None
+    if host_threads is not None:
+        return host_threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores - dali_threads)
+
+
+@contextmanager
+def torch_threads(limit: int | None) -> Iterator[None]:
+    """At most `limit` torch intra-op threads in this block (None: no limit), the setting restored after. The
+    setting is the calling thread's (OpenMP's), and the host pass runs in the thread that iterates the loader."""
+    before = torch.get_num_threads()
+    if limit is None or limit >= before:
+        yield
+        return
+    torch.set_num_threads(limit)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -1,6 +1,8 @@
 """The CPU train path that finishes DALI's crops on the host: same crops as DALI's own resize, batches that
 stay intact while held, and the cut fused into the normalising pass giving the very batch of the plain path."""
 
+import os
+
 import pytest
 import torch
 
@@ -155,3 +157,26 @@ def test_stage_normalise_and_cut_equals_both_unfused_paths(case):
     reference, _ = results["torch"]
     differ = (results["fused"][0] - reference).abs() > 1e-5  # normalisation rounding aside, only threshold ties
     assert int(differ.any(1).sum()) <= 4
+
+
+def test_the_host_pass_leaves_dalis_threads_their_cores(photo_folder, monkeypatch):
+    from gutout.pipelines.host_finish import HostFinish, host_thread_limit
+
+    cores = len(os.sched_getaffinity(0))
+    assert host_thread_limit(None, 2) == max(1, cores - 2) and host_thread_limit(None, cores + 4) == 1
+    assert host_thread_limit(3, 2) == 3 and host_thread_limit(0, 2) is None  # 0: torch's own setting
+    seen = []
+    resize = HostFinish.resize
+    monkeypatch.setattr(HostFinish, "resize", lambda self, *a: seen.append(torch.get_num_threads()) or resize(self, *a))
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)  # more threads than the bound leaves, whatever this machine's cores
+    try:
+        for host_threads, expected in [(None, min(4, max(1, cores - 2))), (1, 1), (0, 4)]:
+            seen.clear()
+            batches = list(loader_for(photo_folder, maps_cache(12), num_threads=2, host_threads=host_threads).batches())
+            assert len(batches) == 3 and seen == [expected] * 3, (host_threads, seen)
+            assert torch.get_num_threads() == 4  # restored between batches and after
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="host_threads=-1 must be >= 0"):
+        loader_for(photo_folder, maps_cache(12), host_threads=-1)

@@ -9,8 +9,8 @@
 #   4. the study's comparison at a scale the CPU cannot reach: the full Fashion-MNIST training set (5,000 held out
 #      for validation), ResNet-20, Cutout side 1/4 as the reference, K = 1; every (arm, seed) its own process on
 #      the one GPU, all at once, each cut off after $STUDY_SECONDS; then one `gutout compare` writes the table of
-#      the runs that finished (it starts none).
-# Results go to $OUT (or runs/gpu-check): 7 files. Fashion-MNIST is read from .data/fashion-mnist when present
+#      the runs that finished (it starts none), and keeps their final records (`compare --records`) in one archive.
+# Results go to $OUT (or runs/gpu-check): 8 files. Fashion-MNIST is read from .data/fashion-mnist when present
 # (carry the Debian files there), else from the usual places.
 # `--dry-run` runs the very same steps on the CPU at tiny sizes, on a generated stand-in for Fashion-MNIST.
 #
@@ -117,7 +117,9 @@ study() {  # every (arm, seed) at once, one process each, then the table of thos
   echo "$((${#pids[@]} - failed)) of ${#pids[@]} runs finished in time"
   $PY -m gutout.train.cli compare fashion-mnist "${DATA_ARGS[@]}" --device $DEVICE --backend tensor --out compare \
     --no-progress --runs "$STUDY_ARMS" --seeds "$STUDY_SEEDS" --reference "$STUDY_REFERENCE" --time-budget 0 \
-    "${STUDY_ARGS[@]}"
+    --records records "${STUDY_ARGS[@]}"
+  # Each finished run's config and final record (a few KB each), one file: `tar xzf` it into a --records folder.
+  tar czf "$OUT/study-records.tgz" records
 }
 step compare study
 compare_results compare

@@ -2,6 +2,7 @@
 
 import os
 import subprocess
+import tarfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,6 +29,7 @@ def test_gpu_check_dry_run(tmp_path):
         "compare.txt",
         "compare-results.md",
         "compare-results.png",
+        "study-records.tgz",
     ):
         assert name in produced, produced
     assert "| gutout |" in (tmp_path / "benches.txt").read_text()
@@ -36,3 +38,6 @@ def test_gpu_check_dry_run(tmp_path):
     assert "| ensemble |" in (tmp_path / "train.txt").read_text()
     assert "2 of 2 runs finished in time" in (tmp_path / "compare.txt").read_text()  # one process per (arm, seed)
     assert "| gutout-threshold | 0.5 | 0 |" in (tmp_path / "compare-results.md").read_text()
+    with tarfile.open(tmp_path / "study-records.tgz") as archive:  # every finished run's record, to commit
+        kept = sorted(name for name in archive.getnames() if name.endswith("metrics.jsonl"))
+    assert kept == [f"records/fashion-mnist-{arm}-k1-s0/metrics.jsonl" for arm in ("gutout-threshold", "none")]

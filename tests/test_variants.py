@@ -64,7 +64,7 @@ def test_pair_trains_each_cut_sample_twice_in_its_step(data, tmp_path):
     batch = next(member.loader.batches(keep_clean=True))
     cut = int((member.loader.stats.last > 0).sum())
     assert 0 < cut < len(batch.labels) and not torch.equal(batch.clean, batch.images)
-    _, forwarded, _ = trainer._step(member, batch, harvest=False)
+    _, forwarded, _ = trainer._step(member, batch, trainer._inputs(member, batch), harvest=False)
     assert forwarded == len(batch.labels) + cut
 
 

@@ -33,15 +33,12 @@ def similarity(own: torch.Tensor, peers: list[torch.Tensor]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def peer_cams(peers: list[nn.Module], layer: str, images: torch.Tensor, targets: torch.Tensor) -> list[torch.Tensor]:
-    """Each peer's true-class CAM on `images` (eval mode, no gradients; modes restored)."""
-    maps = []
-    for net in peers:
-        with preserved_modes(net), ActivationCapture(net, layer) as capture:
-            net.eval()
-            net(images)
-        maps.append(class_cams(capture.activations, net.fc.weight, targets))
-    return maps
+def peer_cam(net: nn.Module, layer: str, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """A peer's true-class CAM on `images`, (B, h * w) (eval mode, no gradients; modes restored)."""
+    with preserved_modes(net), ActivationCapture(net, layer) as capture:
+        net.eval()
+        net(images)
+    return class_cams(capture.activations, net.fc.weight, targets)
 
 
 Inputs = dict[int, tuple[torch.Tensor, torch.Tensor]]  # member -> (images, labels) of its step
@@ -72,6 +69,6 @@ def exchange_peer_cams(
         images, labels = images.to(device), labels.to(device)
         for peer, net in nets.items():
             if peer != owner:
-                made[(owner, shard, peer)] = wire(peer_cams([net], layer, images, labels)[0])
+                made[(owner, shard, peer)] = wire(peer_cam(net, layer, images, labels))
     maps = {key: value for part in gather(made) for key, value in part.items()}  # each key made by one process
     return {m: [maps[(m, shard, p)].to(device) for p in range(ensemble) if p != m] for m in inputs}

@@ -270,9 +270,10 @@ class Trainer:
                 fetch = time.perf_counter()
                 batch = next(iterator)
                 fetched.append((batch, time.perf_counter() - fetch))
-            peers = self._peer_maps([batch for batch, _ in fetched]) if cfg.diversity_loss > 0 else {}
-            for member, (batch, waited) in zip(self.members, fetched, strict=True):
-                loss, forwarded, harvest_s = self._step(member, batch, harvest, peers.get(member.index))
+            inputs = [self._inputs(member, batch) for member, (batch, _) in zip(self.members, fetched, strict=True)]
+            peers = self._peer_maps(inputs) if cfg.diversity_loss > 0 else {}
+            for member, (batch, waited), step_inputs in zip(self.members, fetched, inputs, strict=True):
+                loss, forwarded, harvest_s = self._step(member, batch, step_inputs, harvest, peers.get(member.index))
                 images_seen += forwarded
                 wait += waited
                 harvest_time += harvest_s
@@ -335,26 +336,25 @@ class Trainer:
             images = images.contiguous(memory_format=torch.channels_last)
         return images, labels
 
-    def _peer_maps(self, batches: list) -> dict[int, list[torch.Tensor]]:
-        """--diversity-loss: each member's peers' CAMs on its step inputs, made before any member steps, from the
-        peers wherever they train (train/diversity.py)."""
-        inputs = {m.index: self._inputs(m, batch) for m, batch in zip(self.members, batches, strict=True)}
+    def _peer_maps(self, inputs: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[int, list[torch.Tensor]]:
+        """--diversity-loss: each member's peers' CAMs on its step inputs (`_inputs`, per member of this rank),
+        made before any member steps, from the peers wherever they train (train/diversity.py)."""
         with self._autocast():
             return exchange_peer_cams(
                 {member.index: member.net for member in self.members},
-                inputs,
+                {member.index: step for member, step in zip(self.members, inputs, strict=True)},
                 self.layout.shard_id,
                 self.cfg.ensemble,
                 self.layer,
                 self.runtime.all_gather_objects if self.runtime.distributed else None,
             )
 
-    def _step(self, member, batch, harvest: bool, peers: list[torch.Tensor] | None = None):
-        """One optimiser step of `member` on `batch`, with the cut samples' clean views joined (--pair), the
-        diversity penalty against `peers` (their maps of this step's inputs) added, and maps harvested, as
-        configured. Returns (the loss, images forwarded, seconds spent harvesting)."""
+    def _step(self, member, batch, inputs, harvest: bool, peers: list[torch.Tensor] | None = None):
+        """One optimiser step of `member` on `inputs` (`_inputs` of `batch`: the cut samples' clean views joined
+        under --pair), with the diversity penalty against `peers` (their maps of these inputs) added, and maps of
+        `batch` harvested, as configured. Returns (the loss, images forwarded, seconds spent harvesting)."""
         cfg, diverse = self.cfg, peers is not None
-        images, labels = self._inputs(member, batch)
+        images, labels = inputs
         capture = ActivationCapture(member.net, self.layer, keep_graph=diverse) if harvest or diverse else nullcontext()
         with self._autocast(), capture:
             logits = member.model(images)

@@ -21,10 +21,13 @@ _UMASK = _process_umask()
 
 
 @contextlib.contextmanager
-def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
+def atomic_writer(path: str | os.PathLike, keep_replaced_as: str | os.PathLike | None = None) -> Iterator[BinaryIO]:
     """Yield a binary file in `path`'s folder; on success fsync it and rename it over `path`.
 
-    On any exception the temporary file is removed and `path` is untouched.
+    On any exception the temporary file is removed and `path` is untouched. With `keep_replaced_as`, the file that
+    `path` held becomes that file (`atomic_preserve`) once the new bytes are on disk, just before the rename: until
+    then `keep_replaced_as` still holds the file before it, so the two names hold two different complete files at
+    every moment but the one between two renames.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -41,6 +44,8 @@ def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        if keep_replaced_as is not None and path.exists():
+            atomic_preserve(path, keep_replaced_as)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -186,6 +186,26 @@ def test_atomic_writes_get_the_mode_of_a_plain_open(tmp_path):
     assert fresh.stat().st_mode & 0o777 == 0o640 and fresh.read_bytes() == b"y"  # a replaced file keeps its mode
 
 
+def test_the_replaced_file_is_kept_only_once_its_successor_is_complete(tmp_path):
+    from gutout.atomic import atomic_writer
+
+    latest, previous = tmp_path / "latest", tmp_path / "previous"
+    latest.write_bytes(b"2")
+    previous.write_bytes(b"1")
+    with atomic_writer(latest, keep_replaced_as=previous) as f:
+        f.write(b"3")
+        assert (latest.read_bytes(), previous.read_bytes()) == (b"2", b"1")  # a kill here leaves two checkpoints
+    assert (latest.read_bytes(), previous.read_bytes()) == (b"3", b"2")
+    with pytest.raises(RuntimeError), atomic_writer(latest, keep_replaced_as=previous) as f:
+        f.write(b"4")
+        raise RuntimeError("the write failed")
+    assert (latest.read_bytes(), previous.read_bytes()) == (b"3", b"2")  # a failed write rotates nothing
+    fresh = tmp_path / "fresh"
+    with atomic_writer(fresh, keep_replaced_as=tmp_path / "none") as f:
+        f.write(b"x")
+    assert fresh.read_bytes() == b"x" and not (tmp_path / "none").exists()  # nothing replaced, nothing kept
+
+
 def test_failed_write_leaves_the_previous_snapshot(tmp_path, monkeypatch):
     cache = filled_cache()
     path = tmp_path / "cache.gsc"

@@ -7,10 +7,11 @@ resumes from the last epoch whose common file was written, and ends with the met
 A mid-epoch checkpoint (a stop signal, --checkpoint-every) is the same with `.step-<s>` in the member files' names
 and the step and the epoch's running sums in the common file.
 
-The last two complete checkpoints are kept: before the common file is replaced, the one it replaces becomes
-`checkpoint.previous.pt` (a hard link, so no moment is without a complete latest), and the member files of both
-positions stay. A resume whose latest checkpoint cannot be read (the common file or a member file truncated or
-damaged) says which file and continues from the previous one.
+The last two complete checkpoints are kept: when the common file is replaced, the one it replaces becomes
+`checkpoint.previous.pt` (a hard link, so no moment is without a complete latest; made only once the new common
+file is on disk, so a kill while it is written leaves both), and the member files of both positions stay. A resume
+whose latest checkpoint cannot be read (the common file or a member file truncated or damaged) says which file and
+continues from the previous one.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 
 from gutout import SaliencyCache
-from gutout.atomic import atomic_preserve, atomic_writer
+from gutout.atomic import atomic_writer
 from gutout.cache import CacheSnapshotError
 from gutout.config import ConfigError
 
@@ -81,9 +82,10 @@ def save(
                 torch.save(state, f)
     runtime.barrier()
     if runtime.is_main:
-        if keep_latest and (run_dir / CHECKPOINT).exists():
-            atomic_preserve(run_dir / CHECKPOINT, run_dir / PREVIOUS_CHECKPOINT)
-        with atomic_writer(run_dir / CHECKPOINT) as f:
+        # The latest becomes the previous only once its successor is on disk: a kill while the common file is
+        # written leaves two distinct complete checkpoints, not the latest under both names.
+        keep = run_dir / PREVIOUS_CHECKPOINT if keep_latest else None
+        with atomic_writer(run_dir / CHECKPOINT, keep_replaced_as=keep) as f:
             torch.save(common, f)
 
 

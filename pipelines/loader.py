@@ -173,15 +173,20 @@ class GutoutLoader:
         batch_size: int | None = None,
         correct_only: bool = False,
         part: tuple[int, int] | None = None,
+        image_size: int | None = None,
     ) -> None:
         """Grad-CAM of `model` at the true labels over the dataset (refresh view: the canonical frame), written
         into the cache as this loader's member and published. With `correct_only`, the maps of samples the model
         misclassifies are stored as unusable: readers treat those samples as having no map. `part=(i, n)`
-        refreshes only the samples at positions i, i + n, i + 2n, ...; the others keep their maps."""
+        refreshes only the samples at positions i, i + n, i + 2n, ...; the others keep their maps. `image_size`
+        runs the pass at another input side than the loader's (a smaller one: a cheaper pass, coarser maps, which
+        are resampled to the cache's grid like any other)."""
         if self.cache is None:
             raise ValueError("refresh() needs a SaliencyCache: build the loader with cache=")
         cam = GradCAM(model, layer, target=self.cache.target if self.cache.target in ("label", "pred") else "label")
         positions, dataset, config = self._refresh_samples(part, batch_size)
+        if image_size is not None:
+            config = dataclasses.replace(config, image_size=image_size)
         for batch in make_source(dataset, "refresh", config):
             maps = cam(batch.images, batch.labels)  # (B, h, w)
             usable = cam.last_predictions == batch.labels if correct_only else None  # (B,)

@@ -166,12 +166,17 @@ def test_unusable_entries_read_as_missing_and_travel_between_processes():
     assert torch.equal(other.valid, cache.valid)
 
 
-def test_correct_only_keeps_the_maps_of_samples_the_owner_got_right():
-    g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (40, 16, 16), dtype=torch.uint8, generator=g)
-    labels = torch.randint(0, 3, (40,), generator=g)
+def random_problem(samples: int, side: int, seed: int):
+    """(uint8 images (N, side, side), labels of 3 classes, an untrained small-resnet): a refresh's inputs."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (samples, side, side), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 3, (samples,), generator=g)
     torch.manual_seed(0)
-    net = build_model("small-resnet", 3, 1)
+    return images, labels, build_model("small-resnet", 3, 1)
+
+
+def test_correct_only_keeps_the_maps_of_samples_the_owner_got_right():
+    images, labels, net = random_problem(40, 16, seed=0)
     cache = SaliencyCache(1, 40, (2, 2))
     loader = GutoutLoader.from_arrays(images, labels, classes=("a", "b", "c"), cache=cache, backend="tensor")
     loader.refresh(net, correct_only=True)
@@ -202,12 +207,8 @@ def test_correct_only_harvest_marks_the_misclassified_views(data, tmp_path):
 
 
 def test_a_refresh_part_writes_its_samples_as_a_full_refresh_would():
-    g = torch.Generator().manual_seed(1)
-    images = torch.randint(0, 256, (50, 16, 16), dtype=torch.uint8, generator=g)
+    images, labels, net = random_problem(50, 16, seed=1)
     images[:20] //= 4  # a darker first part: statistics measured on a part would differ from the whole's
-    labels = torch.randint(0, 3, (50,), generator=g)
-    torch.manual_seed(0)
-    net = build_model("small-resnet", 3, 1)
     full, partial = SaliencyCache(1, 50, (4, 4)), SaliencyCache(1, 50, (4, 4))
     for cache, part in ((full, None), (partial, (1, 3))):
         loader = GutoutLoader.from_arrays(images, labels, cache=cache, backend="tensor", batch_size=16)
@@ -217,6 +218,41 @@ def test_a_refresh_part_writes_its_samples_as_a_full_refresh_would():
     assert torch.allclose(maps.float(), full.dirty_entries()[2][indices].float(), atol=2e-3)
     with pytest.raises(ValueError, match="refresh part 3 of 3"):
         loader.refresh(net, part=(3, 3))
+
+
+def test_a_refresh_at_a_smaller_size_is_the_refresh_of_a_loader_of_that_size():
+    images, labels, net = random_problem(40, 32, seed=2)
+    caches = {name: SaliencyCache(1, 40, (8, 8)) for name in ("reduced", "small loader", "full")}
+    for name, loader_size, refresh_size in (("reduced", None, 16), ("small loader", 16, None), ("full", None, None)):
+        loader = GutoutLoader.from_arrays(
+            images, labels, cache=caches[name], backend="tensor", batch_size=16, image_size=loader_size
+        )
+        loader.refresh(net, publish=False, image_size=refresh_size)
+    reduced, small_loader, full = (caches[name].dirty_entries()[2].float() for name in caches)
+    assert reduced.shape == full.shape == (40, 8, 8)  # 4 x 4 maps, resampled to the cache's grid
+    assert torch.equal(reduced, small_loader)
+    assert not torch.allclose(reduced, full, atol=0.05)  # the size took effect
+    with pytest.raises(ValueError, match="refresh_size applies to refresh 'pass', not 'harvest'"):
+        make_config(refresh_size=16, refresh="harvest")
+    with pytest.raises(ValueError, match="refresh_size=4 is too small for small-resnet"):
+        make_config(refresh_size=4)
+    with pytest.raises(ValueError, match="refresh_size=0 must be an integer >= 1"):
+        make_config(refresh_size=0)
+
+
+def test_the_trainer_refreshes_at_refresh_size(data, tmp_path, monkeypatch):
+    sizes = []
+    original = GutoutLoader.refresh
+
+    def recording(self, *args, **kwargs):
+        sizes.append(kwargs.get("image_size"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(GutoutLoader, "refresh", recording)
+    Trainer(
+        small(data, tmp_path, policy="threshold", epochs=1, cut_start=0, refresh_size=16), log=lambda *a: None
+    ).run()
+    assert sizes and set(sizes) == {16}
 
 
 def test_refresh_fraction_takes_the_parts_in_turn_after_one_full_refresh():

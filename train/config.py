@@ -77,6 +77,9 @@ class TrainConfig(CutConfig):
     # Each refresh pass after the first covers this fraction of the samples, in turn (1/F must be a whole number):
     # a map is at most 1/F refreshes old, and a pass costs F of a full one.
     refresh_fraction: float = 1.0
+    # Input side of the refresh pass in px (None: image_size): a smaller one makes a cheaper pass whose coarser maps
+    # are resampled to the cache's grid (image folders: 7 x 7 at 224 px, 5 x 5 at 160).
+    refresh_size: int | None = None
     # No saliency cuts before epoch `cut_start`: the first maps are computed at its start, and the epochs before it
     # follow the cold-start rule (Cutout of the same area, or nothing). 0: maps of the untrained model from epoch 0.
     cut_start: int = 1
@@ -156,7 +159,7 @@ class TrainConfig(CutConfig):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < lo:
                 raise ConfigError(f"{name}.{key}={value!r} must be an integer >= {lo}")
-        for key in ("log_every", "checkpoint_every", "eval_batch_size"):  # None: the option's automatic value
+        for key in ("log_every", "checkpoint_every", "eval_batch_size", "refresh_size"):  # None: automatic
             value = getattr(self, key)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ConfigError(f"{name}.{key}={value!r} must be an integer >= 1")
@@ -180,6 +183,14 @@ class TrainConfig(CutConfig):
             raise ConfigError(f"{name}.refresh_fraction={self.refresh_fraction!r} must be 1/N for a whole N (0.25)")
         if self.refresh_fraction < 1 and self.refresh != "pass":
             raise ConfigError(f"{name}.refresh_fraction applies to refresh 'pass', not {self.refresh!r}")
+        if self.refresh_size is not None:
+            if self.refresh != "pass":
+                raise ConfigError(f"{name}.refresh_size applies to refresh 'pass', not {self.refresh!r}")
+            if self.refresh_size < smallest:
+                size = self.refresh_size
+                raise ConfigError(
+                    f"{name}.refresh_size={size!r} is too small for {self.model_name} (at least {smallest} px)"
+                )
         if self.checkpoint_minutes is not None:
             check_range(name, "checkpoint_minutes", self.checkpoint_minutes, 0.0, 1e6, lo_open=True)
         check_range(name, "diversity_loss", self.diversity_loss, 0.0, 100.0)

@@ -204,6 +204,7 @@ class Trainer:
                         batch_size=self.eval_batch_size,
                         correct_only=self.cfg.correct_only,
                         part=self._refresh_part(epoch + 1),
+                        image_size=self.cfg.refresh_size,
                     )
         received = self.runtime.sync_cache(self.cache)
         self.cache.publish(epoch)

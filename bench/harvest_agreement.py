@@ -1,4 +1,5 @@
-"""How far harvested maps are from the refresh pass's, on a trained model.
+"""How far cheaper maps are from the refresh pass's, on a trained model: harvested ones, and a pass at a smaller
+input size (--refresh-size).
 
 The pass computes each sample's Grad-CAM on the whole image in eval mode. Harvest takes the CAM of the training
 forward instead (train mode, a random crop and flip, and — with Gutout on — a cut image), warped back to the
@@ -6,7 +7,9 @@ canonical frame where the crop saw the image. This bench loads a trained run's m
 for the same samples over one epoch of training views, and reports per sample, over the cells the views covered:
 the Pearson correlation with the pass's map, the IoU of the two maps' top-20 % cells, and the covered fraction.
 Views are taken uncut and cut (the trainer's Gutout stage at its default p, reading the pass's maps), without any
-optimiser step (the model is a copy; its BatchNorm statistics are restored).
+optimiser step (the model is a copy; its BatchNorm statistics are restored). With `--refresh-sizes`, the pass is
+also run at each of those input sides (coarser maps, resampled to the cache's grid) and compared over every cell,
+with the time of each pass against the full-size one's.
 
     python bench/harvest_agreement.py --run runs/screen/small-5k-30/fashion-mnist-none-k1-s0 --samples 4000
 """
@@ -17,6 +20,7 @@ import argparse
 import copy
 import dataclasses
 import statistics
+import time
 
 import torch
 import yaml
@@ -72,6 +76,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="a finished gutout train run directory (member 0 is used)")
     parser.add_argument("--samples", type=int, default=4000)
+    parser.add_argument("--refresh-sizes", default="", help="comma-separated input sides of reduced-size passes")
     args = parser.parse_args(argv)
     run = yaml.safe_load(open(f"{args.run}/config.yaml"))
     cfg = TrainConfig(
@@ -87,8 +92,11 @@ def main(argv=None) -> None:
     )
     trainer = Trainer(cfg, log=lambda *a: None)
     trainer.init_from(args.run)
-    trainer.members[0].loader.refresh(trainer.members[0].net, trainer.layer)  # the pass's maps, published
-    passed = trainer.cache.maps[0].float().flatten(1)
+    loader, net = trainer.members[0].loader, trainer.members[0].net
+    start = time.perf_counter()
+    loader.refresh(net, trainer.layer, batch_size=trainer.eval_batch_size)  # the pass's maps, published
+    full_s = time.perf_counter() - start
+    passed = trainer.cache.maps[0].float().flatten(1).clone()
     print(f"# {args.run}, member 0, {len(trainer.train_set)} training samples, maps {trainer.map_size}")
     print("| views | median r | lower-quartile r | median top-20 % IoU | covered cells |")
     print("|---|---|---|---|---|")
@@ -103,6 +111,23 @@ def main(argv=None) -> None:
         print(
             f"| {views} | {quartiles[1]:.3f} | {quartiles[0]:.3f} | "
             f"{float(iou.median()):.3f} | {float(covered.float().mean()):.1%} |"
+        )
+    sizes = [int(size) for size in args.refresh_sizes.split(",") if size]
+    if sizes:
+        print("\n| refresh pass at | median r | lower-quartile r | median top-20 % IoU | pass time vs full size |")
+        print("|---|---|---|---|---|")
+    for size in sizes:
+        start = time.perf_counter()
+        loader.refresh(net, trainer.layer, batch_size=trainer.eval_batch_size, image_size=size)
+        seconds = time.perf_counter() - start
+        maps = trainer.cache.maps[0].float().flatten(1)
+        everywhere = torch.ones_like(maps, dtype=torch.bool)
+        r = pearson(maps, passed, everywhere)
+        quartiles = statistics.quantiles(r[~r.isnan()].tolist(), n=4)
+        iou = top_iou(maps, passed, everywhere)
+        print(
+            f"| {size} px | {quartiles[1]:.3f} | {quartiles[0]:.3f} | "
+            f"{float(iou.median()):.3f} | {seconds / full_s:.2f}x |"
         )
 
 

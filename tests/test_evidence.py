@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from gutout.config import ConfigError
 from gutout.pipelines.datasets import stratified_split
 from gutout.train.cli import main
-from gutout.train.compare import parse_seeds, results_markdown, summarise
+from gutout.train.compare import Arms, parse_seeds, results_markdown, summarise
 from gutout.train.config import TrainConfig, make_config
 from gutout.train.data import load_splits as load_datasets
 from gutout.train.evaluation import OcclusionConfig
@@ -261,6 +261,9 @@ def test_compare_table_reports_paired_differences_with_their_intervals():
     assert "| cutout | 1 | 0,1,2 | -1.00 [-2.24, +0.24] | 10.17 ± 0.60 |" in text
     assert "| gutout-area | 0.5 | 0,1,2 | **-2.10 [-2.10, -2.10]** |" in text
     assert "Mean ± standard error over seeds" in text and "validation split (5000 training samples" in text
+    arms = Arms.with_file({"smoothed": {"policy": "none", "label_smoothing": 0.1}})  # cuts nothing: no p
+    rows = summarise({"smoothed": {0: fake_record(10.0)}}, base, "val", None, arms)
+    assert "| smoothed | – | 0 |" in results_markdown(rows, base, "gutout compare ...", "val", None)
 
 
 # -- calibration and occlusion ----------------------------------------------------------------------------------------

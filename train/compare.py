@@ -269,7 +269,9 @@ def summarise(
     }
     rows = []
     for run, seeds in per_seed.items():
-        row: dict[str, Any] = {"run": run, "seeds": sorted(seeds), "p": (arms or Arms()).config(base, run, 0).p}
+        cfg = (arms or Arms()).config(base, run, 0)
+        cuts = cfg.policy != "none"  # an arm that cuts nothing (none, the diversity loss alone) has no p
+        row: dict[str, Any] = {"run": run, "seeds": sorted(seeds), "p": cfg.p if cuts else None}
         for key in seeds[next(iter(seeds))]:
             row[key] = estimate([values[key] for values in seeds.values()])
         if reference is not None and reference in per_seed and run != reference:
@@ -333,7 +335,7 @@ def results_markdown(
         "|" + "---|" * len(head),
     ]
     for row in rows:
-        cells = [row["run"], "–" if row["run"] == "none" else f"{row['p']:g}", ",".join(map(str, row["seeds"]))]
+        cells = [row["run"], "–" if row["p"] is None else f"{row['p']:g}", ",".join(map(str, row["seeds"]))]
         if reference:
             cells.append("reference" if row["run"] == reference else _fmt_delta(row.get("delta_error")))
         cells += [_fmt(row.get(key), digits) for key, _, digits in columns]

@@ -15,7 +15,7 @@ from gutout.train.cli import main
 from gutout.train.compare import Arms, parse_seeds, results_markdown, summarise
 from gutout.train.config import TrainConfig, make_config
 from gutout.train.data import load_splits as load_datasets
-from gutout.train.evaluation import OcclusionConfig
+from gutout.train.evaluation import OcclusionConfig, cam_similarity
 from gutout.train.metrics import fit_temperature
 from gutout.train.models import build_model
 from gutout.train.stats import estimate, paired_difference, t_quantile
@@ -327,6 +327,26 @@ def test_the_random_square_is_the_same_for_every_member_and_call(trained):
     state = torch.get_rng_state()
     trainer.evaluator.occlusion(trainer.test_set)
     assert torch.equal(state, torch.get_rng_state())
+
+
+def test_map_similarity_is_the_mean_pairwise_cosine_of_the_members_maps():
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(5, 3, 3, generator=g)
+    left, right = torch.zeros(5, 3, 3), torch.zeros(5, 3, 3)
+    left[:, :, 0], right[:, :, 2] = 1.0, 1.0  # no cell in common
+    assert cam_similarity(torch.stack([a, 3 * a])) == pytest.approx(1.0)  # the same evidence, up to scale
+    assert cam_similarity(torch.stack([left, right])) == 0.0
+    # Three members: the mean over the three pairs (1, 0, 0).
+    assert cam_similarity(torch.stack([left, 2 * left, right])) == pytest.approx(1 / 3)
+    by_hand = torch.nn.functional.cosine_similarity(a.flatten(1), left.flatten(1), dim=1).mean()
+    assert cam_similarity(torch.stack([a, left])) == pytest.approx(float(by_hand))
+
+
+def test_an_ensembles_final_record_has_its_members_map_similarity(trained):
+    trainer, final = trained
+    maps = trainer.evaluator._maps(trainer.test_set)
+    assert final["test/ensemble/cam_similarity"] == pytest.approx(cam_similarity(maps))
+    assert 0 < final["test/ensemble/cam_similarity"] < 1
 
 
 # -- capacity ---------------------------------------------------------------------------------------------------------

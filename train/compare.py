@@ -231,6 +231,7 @@ ENSEMBLE_COLUMNS = [
     ("member_error", "mean member error (%)", 2),
     ("disagreement", "disagreement (%)", 2),
     ("gain", "ensemble − mean member acc. (pp)", 2),
+    ("cam_similarity", "members' map similarity", 3),  # runs older than the metric leave it out
 ]
 
 
@@ -255,6 +256,8 @@ def row_values(record: dict, split: str, ensemble: int) -> dict[str, float]:
         values["member_error"] = 100 * (1 - member_acc)
         values["disagreement"] = 100 * record[f"{e}/disagreement"]
         values["gain"] = 100 * record[f"{e}/gain_over_mean_member"]
+        if f"{e}/cam_similarity" in record:
+            values["cam_similarity"] = record[f"{e}/cam_similarity"]
     return values
 
 
@@ -319,7 +322,7 @@ def results_markdown(
         f"{base.dataset}, {data}, {base.model_name}{width}, {base.epochs} epochs ({base.schedule} schedule), "
         f"batch {base.batch_size}, K = {ensemble}"
     )
-    columns = [c for c in COLUMNS if any(c[0] in r for r in rows)] + (ENSEMBLE_COLUMNS if ensemble > 1 else [])
+    columns = [c for c in COLUMNS + (ENSEMBLE_COLUMNS if ensemble > 1 else []) if any(c[0] in r for r in rows)]
     head = ["run", "p", "seeds", f"Δ error vs {reference} (pp) [95 % CI]" if reference else None]
     head = [h for h in head if h] + [c[1] for c in columns] + ["minutes per run", "train img/s"]
     lines = [

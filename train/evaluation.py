@@ -19,6 +19,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from gutout import GradCAM, normalise_maps
@@ -103,17 +104,23 @@ class Evaluator:
             for split, split_logits in logits.items():
                 record.update(prefixed(split, temperature_scaled(temperature, split_logits, splits[split].labels)))
         for split in logits:
-            record.update(prefixed(split, self.occlusion(splits[split])))
+            maps = self._maps(splits[split])  # (K, N, h, w): each member's true-class Grad-CAM
+            record.update(prefixed(split, self.occlusion(splits[split], maps=maps)))
+            if self.members > 1:
+                record[f"{split}/ensemble/cam_similarity"] = cam_similarity(maps)
         return record
 
-    def occlusion(self, dataset, settings: OcclusionConfig = OcclusionConfig()) -> dict[str, float]:
+    def occlusion(
+        self, dataset, settings: OcclusionConfig = OcclusionConfig(), maps: torch.Tensor | None = None
+    ) -> dict[str, float]:
         """Accuracy of each member and of the ensemble under each occlusion (keys `member/<m>/occlusion/<name>_acc`
-        and `ensemble/occlusion/<name>_acc`)."""
+        and `ensemble/occlusion/<name>_acc`); `maps`: the members' true-class Grad-CAM of `dataset` (K, N, h, w),
+        when already made."""
         for net in self.nets.values():
             net.eval()
         labels = dataset.labels.long()
         N = len(dataset)
-        maps = self._maps(dataset)  # (K, N, h, w): each member's true-class Grad-CAM
+        maps = self._maps(dataset) if maps is None else maps  # (K, N, h, w)
         ensemble_maps = normalise_maps(maps.mean(0))  # (N, h, w)
         names = (*OCCLUSIONS, "ensemble_salient", "ensemble_box") if self.members > 1 else OCCLUSIONS
         rows: dict[str, list[torch.Tensor]] = {name: [] for name in names}
@@ -189,6 +196,15 @@ def salient_views(images: torch.Tensor, maps: torch.Tensor, area: float) -> dict
     salient, _ = cut(images, maps, full, flips, policy="area", area=area, **common)
     box, _ = cut(images, maps, full, flips, policy="box", size=math.sqrt(area), **common)
     return {"salient": salient, "salient_box": box}
+
+
+def cam_similarity(maps: torch.Tensor) -> float:
+    """How alike the members' evidence is: the cosine similarity of two members' true-class maps of the same sample,
+    averaged over samples and over every pair of members, from (K, N, h, w) maps, K >= 2 (1: the same maps up to
+    scale; 0: no cell in common; a zero map counts as 0)."""
+    flat = maps.float().flatten(2)  # (K, N, h * w)
+    pairs = [(a, b) for a in range(len(flat)) for b in range(a + 1, len(flat))]
+    return float(torch.stack([F.cosine_similarity(flat[a], flat[b], dim=1, eps=1e-8).mean() for a, b in pairs]).mean())
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:

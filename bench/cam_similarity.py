@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 import collections
 import re
-import statistics
 import tempfile
 
 import yaml
 
 from gutout.train.config import TrainConfig
 from gutout.train.evaluation import cam_similarity
+from gutout.train.stats import estimate
 from gutout.train.trainer import Trainer
 
 
@@ -49,8 +49,8 @@ def main(argv=None) -> None:
             arms[re.sub(r"-s\d+$", "", name)].append(value)
     print(f"\n| arm | seeds | members' map similarity ({args.split}) |\n|---|---|---|")
     for arm, values in arms.items():
-        se = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else float("nan")
-        print(f"| {arm} | {len(values)} | {statistics.fmean(values):.3f} ± {se:.3f} |")
+        summary = estimate(values)
+        print(f"| {arm} | {summary.n} | {summary.mean:.3f} ± {summary.se:.3f} |")
 
 
 if __name__ == "__main__":

@@ -50,6 +50,13 @@ def top_iou(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, share: float =
     return torch.tensor(ious)
 
 
+def agreement_cells(maps: torch.Tensor, passed: torch.Tensor, mask: torch.Tensor) -> str:
+    """Median and lower-quartile r, and median top-20 % IoU, of (N, n) maps against the pass's, as table cells."""
+    r = pearson(maps, passed, mask)
+    quartiles = statistics.quantiles(r[~r.isnan()].tolist(), n=4)
+    return f"{quartiles[1]:.3f} | {quartiles[0]:.3f} | {float(top_iou(maps, passed, mask).median()):.3f}"
+
+
 def harvest_epoch(trainer: Trainer, cut: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """One epoch of member 0's training views (cut or not), the CAM of each forward warped to the canonical
     frame: (maps (N, h, w), covered (N, h, w)), the last view of each sample winning as in the trainer."""
@@ -103,15 +110,8 @@ def main(argv=None) -> None:
     for cut in (False, True):
         maps, covered = harvest_epoch(trainer, cut)
         maps, covered = maps.flatten(1), covered.flatten(1)
-        r = pearson(maps, passed, covered)
-        r = r[~r.isnan()]
-        iou = top_iou(maps, passed, covered)
-        quartiles = statistics.quantiles(r.tolist(), n=4)
         views = f"cut (Gutout, p = {cfg.p:.2g})" if cut else "uncut"
-        print(
-            f"| {views} | {quartiles[1]:.3f} | {quartiles[0]:.3f} | "
-            f"{float(iou.median()):.3f} | {float(covered.float().mean()):.1%} |"
-        )
+        print(f"| {views} | {agreement_cells(maps, passed, covered)} | {float(covered.float().mean()):.1%} |")
     sizes = [int(size) for size in args.refresh_sizes.split(",") if size]
     if sizes:
         print("\n| refresh pass at | median r | lower-quartile r | median top-20 % IoU | pass time vs full size |")
@@ -122,13 +122,7 @@ def main(argv=None) -> None:
         seconds = time.perf_counter() - start
         maps = trainer.cache.maps[0].float().flatten(1)
         everywhere = torch.ones_like(maps, dtype=torch.bool)
-        r = pearson(maps, passed, everywhere)
-        quartiles = statistics.quantiles(r[~r.isnan()].tolist(), n=4)
-        iou = top_iou(maps, passed, everywhere)
-        print(
-            f"| {size} px | {quartiles[1]:.3f} | {quartiles[0]:.3f} | "
-            f"{float(iou.median()):.3f} | {seconds / full_s:.2f}x |"
-        )
+        print(f"| {size} px | {agreement_cells(maps, passed, everywhere)} | {seconds / full_s:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -137,7 +137,12 @@ def _pair(ctx, param, value, kind=float):
 @option(
     "--refresh-fraction", "Each refresh pass after the first covers this fraction of the samples, in turn", type=float
 )
-@option("--refresh-size", "Input side of the refresh pass in px (maps resampled to the cache's grid)", type=int)
+@option(
+    "--refresh-size",
+    "Input side of the refresh pass in px (maps resampled to the cache's grid)",
+    type=int,
+    default="the input side",
+)
 @option("--cut-start", "No saliency cuts before this epoch (the cold-start rule before it)", type=int)
 @option(
     "--p-ramp",

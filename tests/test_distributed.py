@@ -13,6 +13,7 @@ import torch
 from gutout import SaliencyCache
 from gutout.config import ConfigError
 from gutout.train.distributed import plan_layout
+from gutout.train.rundir import RunDirectoryBusy, RunDirectoryLock
 from gutout.train.tracking import read_metrics
 from tests.conftest import fake_fashion_mnist
 
@@ -301,6 +302,15 @@ def kill_two_ranks_after_the_first_checkpoint(args: list[str], run: Path) -> Non
         time.sleep(0.02)
     os.killpg(launcher.pid, signal.SIGKILL)
     launcher.wait()
+    # The workers are not the launcher: rank 0 holds the run's lock until its own exit closes the file, a moment
+    # after the launcher is reaped. Wait for that, as a user restarting a node would find it.
+    while True:
+        try:
+            RunDirectoryLock(run).acquire().release()
+            return
+        except RunDirectoryBusy:
+            assert time.time() < deadline, "the killed ranks still hold the run's lock"
+            time.sleep(0.02)
 
 
 @pytest.mark.slow

@@ -16,19 +16,14 @@ import collections
 import re
 import tempfile
 
-import yaml
+from _runs import rebuilt
 
-from gutout.train.config import TrainConfig
 from gutout.train.evaluation import cam_similarity
 from gutout.train.stats import estimate
-from gutout.train.trainer import Trainer
 
 
 def run_similarity(run: str, split: str, out: str) -> float:
-    saved = yaml.safe_load(open(f"{run}/config.yaml"))
-    local = dict(out=out, device="cpu", wandb="disabled", sample_grid=0, num_threads=0, resume=False, init_from=None)
-    trainer = Trainer(TrainConfig(**(saved | local)), log=lambda *a: None)
-    trainer.init_from(run)
+    trainer = rebuilt(run, out)
     dataset = trainer.val_set if split == "val" else trainer.test_set
     if dataset is None:
         raise SystemExit(f"{run} has no validation split: use --split test")

@@ -20,12 +20,13 @@ import argparse
 import copy
 import dataclasses
 import statistics
+import tempfile
 import time
 
 import torch
-import yaml
+from _runs import rebuilt
 
-from gutout import ActivationCapture, cam_from_activations, warp_to_canonical
+from gutout import ActivationCapture, CutConfig, cam_from_activations, warp_to_canonical
 from gutout.train.config import TrainConfig
 from gutout.train.trainer import Trainer
 
@@ -85,20 +86,16 @@ def main(argv=None) -> None:
     parser.add_argument("--samples", type=int, default=4000)
     parser.add_argument("--refresh-sizes", default="", help="comma-separated input sides of reduced-size passes")
     args = parser.parse_args(argv)
-    run = yaml.safe_load(open(f"{args.run}/config.yaml"))
-    cfg = TrainConfig(
-        data=run.get("data"),
-        model=run.get("model"),
-        width=run.get("width", 1.0),
-        subset=args.samples,
-        init_from=args.run,
-        wandb="disabled",
-        sample_grid=0,
-        num_threads=0,
-        device="cpu",
-    )
-    trainer = Trainer(cfg, log=lambda *a: None)
-    trainer.init_from(args.run)
+    with tempfile.TemporaryDirectory() as out:
+        report(args, out)
+
+
+def report(args, out: str) -> None:
+    # Member 0 alone, on `--samples` of the run's training samples; the cut views take the trainer's default cut,
+    # whatever the run itself cut with.
+    defaults = TrainConfig()
+    default_cut = {field.name: getattr(defaults, field.name) for field in dataclasses.fields(CutConfig)}
+    trainer = rebuilt(args.run, out, ensemble=1, subset=args.samples, **default_cut)
     loader, net = trainer.members[0].loader, trainer.members[0].net
     start = time.perf_counter()
     loader.refresh(net, trainer.layer, batch_size=trainer.eval_batch_size)  # the pass's maps, published
@@ -110,7 +107,7 @@ def main(argv=None) -> None:
     for cut in (False, True):
         maps, covered = harvest_epoch(trainer, cut)
         maps, covered = maps.flatten(1), covered.flatten(1)
-        views = f"cut (Gutout, p = {cfg.p:.2g})" if cut else "uncut"
+        views = f"cut (Gutout, p = {trainer.cfg.p:.2g})" if cut else "uncut"
         print(f"| {views} | {agreement_cells(maps, passed, covered)} | {float(covered.float().mean()):.1%} |")
     sizes = [int(size) for size in args.refresh_sizes.split(",") if size]
     if sizes:

@@ -42,6 +42,18 @@ def untimed(run_dir: Path) -> tuple[list[dict], list[dict]]:
     return [strip(r) for r in epochs], [strip(r) for r in steps]
 
 
+def images_counted(run_dir: Path) -> tuple[list[int], list[int]]:
+    """Images forwarded in each epoch and in each step record, recovered from the logged rates and times."""
+    epochs, steps = read_metrics(run_dir)
+    per_epoch = [round(r["throughput/train_img_per_s"] * r["time/train_s"]) for r in epochs if "time/train_s" in r]
+    per_record = [round(r["step/img_per_s"] * r["step/ms"] * 4 / 1e3) for r in steps]  # 4 steps per record
+    return per_epoch, per_record
+
+
+# Two members, 12 steps of 32 images per epoch: 768 images per epoch, 256 per record of 4 steps.
+COUNTED = ([768] * 3, [256] * 9)
+
+
 @pytest.fixture(scope="module")
 def straight(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
@@ -85,6 +97,7 @@ def test_a_stop_signal_mid_epoch_checkpoints_exits_75_and_resumes_exactly(data, 
     resumed = subprocess.run(command(data, tmp_path, "stopped", "--resume"), env=ENV, capture_output=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]
     assert untimed(run) == straight
+    assert images_counted(run) == COUNTED  # the counts stopped mid-epoch carry over
 
 
 @pytest.mark.slow
@@ -100,6 +113,7 @@ def test_sigkill_after_a_periodic_checkpoint_resumes_exactly(data, tmp_path, str
     resumed = subprocess.run(command(data, tmp_path, "killed", "--resume"), env=ENV, capture_output=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]
     assert untimed(run) == straight
+    assert images_counted(run) == COUNTED  # the counts stopped mid-epoch carry over
 
 
 @pytest.mark.slow

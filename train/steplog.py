@@ -14,33 +14,43 @@ import torch
 
 
 class StepWindow:
+    """The open step record of an epoch, and the epoch's running totals of images forwarded and loader wait: the one
+    place both are counted (the epoch record reads the totals, each step record the part since the last)."""
+
     def __init__(self, trainer, epoch: int, steps: int, start: float):
         self.trainer, self.epoch, self.steps = trainer, epoch, steps
         self.every = trainer.cfg.steps_per_record(steps)
         self.members = trainer.cfg.ensemble
+        self.images, self.wait = 0, 0.0  # the epoch's totals on this rank
         self._reset(start, first_step=0)
 
     def _reset(self, start: float, first_step: int) -> None:
         self.start, self.first_step = start, first_step
         self.loss_sums = torch.zeros(self.members, dtype=torch.float64, device=self.trainer.device)
         self.counts = [0] * self.members
-        self.images, self.wait = 0, 0.0
+        self.opened_at = (self.images, self.wait)  # the totals when this record opened
+
+    def _since_open(self) -> tuple[int, float]:
+        return self.images - self.opened_at[0], self.wait - self.opened_at[1]
 
     def state(self) -> dict:
-        """The running sums of the open window (a mid-epoch checkpoint holds them)."""
+        """The running sums of the open record (a mid-epoch checkpoint holds them, beside the epoch's totals)."""
+        images, wait = self._since_open()
         return dict(
             loss_sums=self.loss_sums.tolist(),
             counts=list(self.counts),
-            images=self.images,
-            wait=self.wait,
+            images=images,
+            wait=wait,
             first_step=self.first_step,
             elapsed=time.perf_counter() - self.start,
         )
 
-    def restore(self, state: dict) -> None:
-        """Continue the window a checkpoint stopped in."""
+    def restore(self, state: dict, images: int, wait: float) -> None:
+        """Continue the record a checkpoint stopped in (`state`), in an epoch that had forwarded `images` and waited
+        `wait` seconds so far."""
         self.loss_sums = torch.tensor(state["loss_sums"], dtype=torch.float64, device=self.trainer.device)
-        self.counts, self.images, self.wait = list(state["counts"]), state["images"], state["wait"]
+        self.counts, self.images, self.wait = list(state["counts"]), images, wait
+        self.opened_at = (images - state["images"], wait - state["wait"])
         self.first_step, self.start = state["first_step"], time.perf_counter() - state["elapsed"]
 
     def add(self, member: int, loss: torch.Tensor, images: int, wait: float) -> None:
@@ -56,7 +66,7 @@ class StepWindow:
         now = time.perf_counter()
         elapsed = max(now - self.start, 1e-9)
         totals = runtime.all_sum(
-            [*self.loss_sums.tolist(), *self.counts, self.images, self.wait], trainer.device
+            [*self.loss_sums.tolist(), *self.counts, *self._since_open()], trainer.device
         )  # every rank's sums: (K losses, K counts, images, wait)
         losses, counts, (images, wait) = totals[: self.members], totals[self.members : -2], totals[-2:]
         record = {

@@ -250,7 +250,7 @@ class Trainer:
         iterators = [member.loader.batches(keep_clean=cfg.pair) for member in self.members]
         # Shards may differ by a sample, hence by a batch: every rank stops at the shortest (DDP needs lockstep).
         steps = self.runtime.all_min(len(self.members[0].loader), self.device)
-        images_seen, wait, harvest_time, losses = 0, 0.0, 0.0, []
+        harvest_time, losses = 0.0, []
         start = time.perf_counter()
         window = StepWindow(self, epoch, steps, start)
         first, carried = 0, self.resume_progress
@@ -259,9 +259,8 @@ class Trainer:
             for iterator in iterators:
                 for _ in range(first):  # the same draws as the first pass (loader and stage generators)
                     next(iterator)
-            images_seen, wait, harvest_time = carried["images"], carried["wait"], carried["harvest_s"]
-            start -= carried["elapsed"]
-            window.restore(carried["window"])
+            harvest_time, start = carried["harvest_s"], start - carried["elapsed"]
+            window.restore(carried["window"], carried["images"], carried["wait"])
         bar = progress(total=steps * len(self.members), desc=f"epoch {epoch}", unit="img", unit_scale=cfg.batch_size)
         bar.update(first * len(self.members))
         check_every = 1 if self.device.type == "cpu" else 25  # reading a loss syncs the GPU
@@ -275,8 +274,6 @@ class Trainer:
             peers = self._peer_maps(inputs) if cfg.diversity_loss > 0 else {}
             for member, (batch, waited), step_inputs in zip(self.members, fetched, inputs, strict=True):
                 loss, forwarded, harvest_s = self._step(member, batch, step_inputs, harvest, peers.get(member.index))
-                images_seen += forwarded
-                wait += waited
                 harvest_time += harvest_s
                 losses.append(loss.detach())
                 window.add(member.index, loss.detach(), forwarded, waited)
@@ -291,8 +288,8 @@ class Trainer:
                 # Each rank's own running sums (its members' losses, its images and waits), in rank order.
                 progress_state = self.runtime.all_gather_objects(
                     dict(
-                        images=images_seen,
-                        wait=wait,
+                        images=window.images,
+                        wait=window.wait,
                         harvest_s=harvest_time,
                         elapsed=time.perf_counter() - start,
                         window=window.state(),
@@ -308,7 +305,7 @@ class Trainer:
             iterator.close()
         for member in self.members:  # one model per member from here on: the one the checkpoint holds
             self.runtime.broadcast_buffers(member.net, member.index, self.layout)
-        record = epoch_record(self.members, self.runtime, self.device, images_seen, wait, elapsed)
+        record = epoch_record(self.members, self.runtime, self.device, window.images, window.wait, elapsed)
         if harvest:
             record["time/harvest_ms_per_step"] = 1e3 * harvest_time / (steps * len(self.members))
         return record

@@ -148,3 +148,22 @@ def test_the_eval_batch_is_the_devices_unless_given(tmp_path):
     help_text = CliRunner().invoke(main, ["train", "--help"]).output
     listed = ", ".join(f"{device} {size}" for device, size in EVAL_BATCH_SIZE.items())
     assert f"by device: {listed}" in " ".join(help_text.split())
+
+
+def test_the_refresh_mode_tells_map_runs_apart_and_not_baselines(tmp_path):
+    import yaml
+
+    from gutout.train.compare import check_same_run
+    from gutout.train.config import ConfigError
+
+    def recorded(name, **options):  # a run directory recorded under the former default, refresh by a pass
+        cfg = TrainConfig(name=name, out=str(tmp_path), refresh="pass", **options)
+        cfg.run_dir.mkdir()
+        (cfg.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+        return cfg
+
+    cutout = recorded("cutout", policy="cutout", size=0.25)
+    check_same_run(dataclasses.replace(cutout, refresh="harvest"))  # reads no maps: the same run
+    gutout = recorded("gutout", policy="threshold")
+    with pytest.raises(ConfigError, match="refresh='pass' there, 'harvest' here"):
+        check_same_run(dataclasses.replace(gutout, refresh="harvest"))

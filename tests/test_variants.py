@@ -235,9 +235,9 @@ def test_a_refresh_at_a_smaller_size_is_the_refresh_of_a_loader_of_that_size():
     with pytest.raises(ValueError, match="refresh_size applies to refresh 'pass', not 'harvest'"):
         make_config(refresh_size=16, refresh="harvest")
     with pytest.raises(ValueError, match="refresh_size=4 is too small for small-resnet"):
-        make_config(refresh_size=4)
+        make_config(refresh_size=4, refresh="pass")
     with pytest.raises(ValueError, match="refresh_size=0 must be an integer >= 1"):
-        make_config(refresh_size=0)
+        make_config(refresh_size=0, refresh="pass")
 
 
 def test_the_trainer_refreshes_at_refresh_size(data, tmp_path, monkeypatch):
@@ -250,25 +250,26 @@ def test_the_trainer_refreshes_at_refresh_size(data, tmp_path, monkeypatch):
 
     monkeypatch.setattr(GutoutLoader, "refresh", recording)
     Trainer(
-        small(data, tmp_path, policy="threshold", epochs=1, cut_start=0, refresh_size=16), log=lambda *a: None
+        small(data, tmp_path, policy="threshold", epochs=1, cut_start=0, refresh_size=16, refresh="pass"),
+        log=lambda *a: None,
     ).run()
     assert sizes and set(sizes) == {16}
 
 
 def test_refresh_fraction_takes_the_parts_in_turn_after_one_full_refresh():
-    cfg = make_config(refresh_fraction=0.5, cut_start=1, refresh_every=1)
+    cfg = make_config(refresh_fraction=0.5, cut_start=1, refresh_every=1, refresh="pass")
     trainer_like = type("T", (), {"cfg": cfg})()
     parts = [Trainer._refresh_part(trainer_like, b) for b in range(1, 6)]
     assert parts == [None, (0, 2), (1, 2), (0, 2), (1, 2)]
     assert cfg.refresh_parts == 2 and make_config().refresh_parts == 1
     with pytest.raises(ValueError, match="refresh_fraction=0.3 must be 1/N"):
-        make_config(refresh_fraction=0.3)
-    with pytest.raises(ValueError, match="refresh_fraction applies to refresh 'pass', not 'harvest'"):
-        make_config(refresh_fraction=0.5, refresh="harvest")
+        make_config(refresh_fraction=0.3, refresh="pass")
+    with pytest.raises(ValueError, match=r"refresh_fraction applies to refresh 'pass', not 'harvest' \(add --refresh"):
+        make_config(refresh_fraction=0.5)  # the default refresh harvests
 
 
 def test_a_fractional_refresh_run_keeps_every_map(data, tmp_path):
-    cfg = small(data, tmp_path, policy="threshold", refresh_fraction=0.5, epochs=3, cut_start=0)
+    cfg = small(data, tmp_path, policy="threshold", refresh_fraction=0.5, epochs=3, cut_start=0, refresh="pass")
     trainer = Trainer(cfg, log=lambda *a: None)
     trainer.run()
     assert bool(trainer.cache.valid.all())  # the first refresh covered every sample; the parts kept them

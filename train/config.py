@@ -72,7 +72,11 @@ class TrainConfig(CutConfig):
     label_smoothing: float = 0.0
     preset: str | None = None  # "cutout-paper": the Cutout paper's hyperparameters (explicit options win)
     peers: str | None = None  # None: "self" for K = 1, "others" for K > 1
-    refresh: str = "pass"  # "pass": Grad-CAM over the training set after the epoch; "harvest": from its forward
+    # "harvest": each step's true-class CAM of the training view, warped back to the canonical frame (no extra
+    # forward); "pass": Grad-CAM over the training set after the epoch. Harvest is the default: it lost no measurable
+    # accuracy against the pass at K = 1 or K = 2 (5 paired seeds each, docs/results-harvest-k1-cpu.md and
+    # docs/results-harvest-k2-cpu.md) and saves the pass, a fifth of a peer-Gutout run's time in that regime.
+    refresh: str = "harvest"
     refresh_every: int = 1
     # Each refresh pass after the first covers this fraction of the samples, in turn (1/F must be a whole number):
     # a map is at most 1/F refreshes old, and a pass costs F of a full one.
@@ -81,7 +85,8 @@ class TrainConfig(CutConfig):
     # are resampled to the cache's grid (image folders: 7 x 7 at 224 px, 5 x 5 at 160).
     refresh_size: int | None = None
     # No saliency cuts before epoch `cut_start`: the first maps are computed at its start, and the epochs before it
-    # follow the cold-start rule (Cutout of the same area, or nothing). 0: maps of the untrained model from epoch 0.
+    # follow the cold-start rule (Cutout of the same area, or nothing). 0 with a refresh pass: maps of the untrained
+    # model from epoch 0 (harvest has its first maps after epoch 0, as with 1).
     cut_start: int = 1
     # (E1, E2): the cut probability rises linearly from 0 at epoch E1 to `p` at E2; nothing is cut before E1.
     p_ramp: tuple[int, int] | None = None
@@ -182,10 +187,14 @@ class TrainConfig(CutConfig):
         if abs(self.refresh_parts * self.refresh_fraction - 1) > 1e-9:
             raise ConfigError(f"{name}.refresh_fraction={self.refresh_fraction!r} must be 1/N for a whole N (0.25)")
         if self.refresh_fraction < 1 and self.refresh != "pass":
-            raise ConfigError(f"{name}.refresh_fraction applies to refresh 'pass', not {self.refresh!r}")
+            raise ConfigError(
+                f"{name}.refresh_fraction applies to refresh 'pass', not {self.refresh!r} (add --refresh pass)"
+            )
         if self.refresh_size is not None:
             if self.refresh != "pass":
-                raise ConfigError(f"{name}.refresh_size applies to refresh 'pass', not {self.refresh!r}")
+                raise ConfigError(
+                    f"{name}.refresh_size applies to refresh 'pass', not {self.refresh!r} (add --refresh pass)"
+                )
             if self.refresh_size < smallest:
                 size = self.refresh_size
                 raise ConfigError(
@@ -263,9 +272,14 @@ class TrainConfig(CutConfig):
         *("checkpoint_every", "checkpoint_minutes", "eval_every"),
     )
 
+    # How the saliency maps are refreshed: a run whose policy reads no maps (none, cutout, erasing) is the same run
+    # under any of these, so a baseline recorded under another refresh default still resumes and still counts.
+    MAP_REFRESH = ("refresh", "refresh_every", "refresh_fraction", "refresh_size")
+
     def identity(self) -> dict[str, Any]:
         """What must match for `--resume` to continue a run."""
-        return {k: v for k, v in self.to_dict().items() if k not in self.RESUME_FREE}
+        free = self.RESUME_FREE if self.needs_maps else (*self.RESUME_FREE, *self.MAP_REFRESH)
+        return {k: v for k, v in self.to_dict().items() if k not in free}
 
 
 def identity_differences(theirs: dict[str, Any], mine: dict[str, Any]) -> list[tuple[str, Any, Any]]:

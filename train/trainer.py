@@ -214,9 +214,10 @@ class Trainer:
         return self.cfg.refresh == "harvest" and self.cfg.needs_maps
 
     def _sync_harvest(self) -> tuple[float, int]:
-        """An epoch end without a refresh: in a multi-process harvest run, all-gather the maps harvested this epoch
-        now (unpublished), so that the checkpoint rank 0 writes holds every rank's maps and a sample harvested by
-        another rank next epoch overwrites this one rather than racing it at the refresh."""
+        """An epoch end without a refresh, or a checkpoint inside an epoch: in a multi-process harvest run,
+        all-gather the maps harvested since the last gather now (unpublished), so that the checkpoint rank 0 writes
+        holds every rank's maps and a sample harvested by another rank next epoch overwrites this one rather than
+        racing it at the refresh."""
         if not (self.runtime.distributed and self._harvesting()):
             return 0.0, 0
         start = time.perf_counter()
@@ -285,6 +286,10 @@ class Trainer:
             if (step + 1) % window.every == 0 or step + 1 == steps:
                 window.close(step)
             if step + 1 < steps and self._checkpoint_due(step + 1):
+                # The maps every rank harvested so far this epoch, into every rank's pending buffer: the checkpoint
+                # rank 0 writes holds them all (without this, a resumed multi-process harvest run lost the other
+                # ranks' maps of the epoch's first steps).
+                self._sync_harvest()
                 # Each rank's own running sums (its members' losses, its images and waits), in rank order.
                 progress_state = self.runtime.all_gather_objects(
                     dict(

@@ -167,3 +167,22 @@ def test_the_refresh_mode_tells_map_runs_apart_and_not_baselines(tmp_path):
     gutout = recorded("gutout", policy="threshold")
     with pytest.raises(ConfigError, match="refresh='pass' there, 'harvest' here"):
         check_same_run(dataclasses.replace(gutout, refresh="harvest"))
+
+
+def test_a_checkpoint_of_the_former_refresh_default_resumes_when_the_policy_reads_no_maps():
+    from gutout.train.config import identity_differences
+
+    def stored(**options):  # what a checkpoint made before identity() left out the refresh options holds
+        return {
+            k: v
+            for k, v in TrainConfig(refresh="pass", **options).to_dict().items()
+            if k not in TrainConfig.RESUME_FREE
+        }
+
+    assert (
+        identity_differences(stored(policy="cutout", size=0.25), TrainConfig(policy="cutout", size=0.25).identity())
+        == []
+    )
+    assert identity_differences(stored(policy="threshold"), TrainConfig(policy="threshold").identity()) == [
+        ("refresh", "pass", "harvest")
+    ]

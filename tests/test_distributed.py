@@ -255,7 +255,7 @@ def test_harvest_on_two_ranks_checkpoints_every_ranks_maps(data, tmp_path):
 def two_rank_straight(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("two-rank")
     args = common(data, out, "--ensemble", "2", "--subset", "384", "--epochs", "3", "--nproc", "2", "--log-every", "4")
-    result = gutout(*args, "--name", "straight")
+    result = gutout(*args, "--refresh", "harvest", "--name", "straight")
     assert result.returncode == 0, result.stderr[-3000:]
     return read_metrics(out / "straight")
 
@@ -273,7 +273,7 @@ def test_a_stop_signal_to_the_launcher_stops_both_ranks_at_one_step_and_resumes_
     from gutout.train.trainer import PREEMPTED_EXIT
 
     args = common(data, tmp_path, "--ensemble", "2", "--subset", "384", "--epochs", "3", "--nproc", "2")
-    args += ["--log-every", "4", "--name", "stopped"]
+    args += ["--log-every", "4", "--refresh", "harvest", "--name", "stopped"]
     cmd = [sys.executable, "-m", "gutout", "train", "fashion-mnist", *args]
     launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     run = tmp_path / "stopped"
@@ -294,7 +294,7 @@ def test_a_stop_signal_to_the_launcher_stops_both_ranks_at_one_step_and_resumes_
     assert refused.returncode != 0 and "it resumes on 2 (--nproc 2), not 1" in refused.stderr, refused.stderr[-2000:]
     resumed = gutout(*args, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    # The default refresh harvests: the same records need the maps both ranks harvested before the stop.
+    # Harvested maps: the same records need the maps both ranks harvested before the stop.
     epochs, steps = read_metrics(run)
     assert without_timing(epochs) == without_timing(two_rank_straight[0])
     assert without_timing(steps) == without_timing(two_rank_straight[1]) != []
@@ -326,7 +326,7 @@ def kill_two_ranks_after_the_first_checkpoint(args: list[str], run: Path) -> Non
 def test_an_epoch_end_checkpoint_of_two_ranks_resumes_in_one_process(data, tmp_path, two_rank_straight):
     # One member per rank (W = K): no rank shards the data, so one process with both members continues exactly.
     args = common(data, tmp_path, "--ensemble", "2", "--subset", "384", "--epochs", "3", "--log-every", "4")
-    args += ["--name", "moved"]
+    args += ["--refresh", "harvest", "--name", "moved"]
     run = tmp_path / "moved"
     kill_two_ranks_after_the_first_checkpoint(args, run)
     assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] is None

@@ -47,6 +47,10 @@ def test_p_ramp_and_cut_start():
     trainer_like = type("T", (), {"cfg": cfg})()
     due = [Trainer._refresh_due(trainer_like, b) for b in range(6)]
     assert due == [False, False, False, True, True, True]  # the first maps are made for epoch 3
+    # cut_start 0 every 2nd epoch: a pass maps the untrained model first; harvest has maps after an epoch, as with 1
+    for refresh, expected in (("pass", [True, False, True, False, True, False]), ("harvest", [False, True] * 3)):
+        trainer_like.cfg = make_config(cut_start=0, refresh_every=2, epochs=6, refresh=refresh)
+        assert [Trainer._refresh_due(trainer_like, b) for b in range(6)] == expected, refresh
 
 
 def test_a_ramped_run_cuts_nothing_before_the_ramp(data, tmp_path):

@@ -133,7 +133,7 @@ def _pair(ctx, param, value, kind=float):
 @option("--kernel", "Cut implementation: auto = the device's fused kernel where it runs", type=click.Choice(KERNELS))
 @option("--peers", "Whose maps cut a member's images", type=click.Choice(PEER_RULES), default="self (K = 1), others")
 @option("--refresh", "How maps are refreshed", type=click.Choice(REFRESH_MODES))
-@option("--refresh-every", "Refresh every N epochs", type=int)
+@option("--refresh-every", "Refresh (pass) or publish (harvest) the maps every N epochs", type=int)
 @option(
     "--refresh-fraction", "Each refresh pass after the first covers this fraction of the samples, in turn", type=float
 )

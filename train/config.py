@@ -283,10 +283,12 @@ class TrainConfig(CutConfig):
 
 
 def identity_differences(theirs: dict[str, Any], mine: dict[str, Any]) -> list[tuple[str, Any, Any]]:
-    """(key, theirs, mine) for every key where two runs' `identity()` differ, in key order. A key one side does not
-    record (an option newer than its run) counts as that option's default."""
+    """(key, theirs, mine) for every key of `mine`, this run's `identity()`, where a recorded run (`theirs`: its
+    `identity()`, or the whole configuration an older checkpoint stored) differs, in key order. A key the recorded
+    run lacks (an option newer than it) counts as that option's default; one `mine` leaves out (an option this
+    configuration does not depend on, TrainConfig.MAP_REFRESH for a policy that reads no maps) is not compared."""
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    pairs = [(k, theirs.get(k, defaults.get(k)), mine.get(k, defaults.get(k))) for k in sorted(set(theirs) | set(mine))]
+    pairs = [(k, theirs.get(k, defaults.get(k)), mine[k]) for k in sorted(mine)]
     return [(k, a, b) for k, a, b in pairs if a != b]
 
 

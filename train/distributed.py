@@ -150,7 +150,7 @@ class Runtime:
         return torch.cat([g[: int(c.item())] for g, c in zip(gathered, counts, strict=True)])
 
     def sync_cache(self, cache: SaliencyCache) -> int:
-        """All-gather the entries each rank wrote since the last publish; returns the bytes this rank received."""
+        """All-gather the entries each rank wrote since the last gather or publish; returns the bytes received."""
         if not self.distributed:
             return 0
         members, indices, maps, usable = cache.dirty_entries()

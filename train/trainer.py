@@ -179,7 +179,9 @@ class Trainer:
         cfg = self.cfg
         if not cfg.needs_maps or boundary >= cfg.epochs:
             return False  # baselines read no maps; after the last epoch nobody would read them
-        return boundary >= cfg.cut_start and (boundary - cfg.cut_start) % cfg.refresh_every == 0
+        # Harvested maps exist only after an epoch: there, cut_start 0 is cut_start 1 (no empty publish first).
+        start = max(cfg.cut_start, 1) if cfg.refresh == "harvest" else cfg.cut_start
+        return boundary >= start and (boundary - start) % cfg.refresh_every == 0
 
     def _refresh_part(self, boundary: int) -> tuple[int, int] | None:
         """Which part of the samples the refresh at `boundary` covers ((index, parts), or None: all of them). The
@@ -251,7 +253,7 @@ class Trainer:
         iterators = [member.loader.batches(keep_clean=cfg.pair) for member in self.members]
         # Shards may differ by a sample, hence by a batch: every rank stops at the shortest (DDP needs lockstep).
         steps = self.runtime.all_min(len(self.members[0].loader), self.device)
-        harvest_time, losses = 0.0, []
+        harvest_time, losses, gathered = 0.0, [], 0  # gathered: cache bytes received at mid-epoch checkpoints
         start = time.perf_counter()
         window = StepWindow(self, epoch, steps, start)
         first, carried = 0, self.resume_progress
@@ -289,7 +291,7 @@ class Trainer:
                 # The maps every rank harvested so far this epoch, into every rank's pending buffer: the checkpoint
                 # rank 0 writes holds them all (without this, a resumed multi-process harvest run lost the other
                 # ranks' maps of the epoch's first steps).
-                self._sync_harvest()
+                gathered += self._sync_harvest()[1]
                 # Each rank's own running sums (its members' losses, its images and waits), in rank order.
                 progress_state = self.runtime.all_gather_objects(
                     dict(
@@ -313,6 +315,8 @@ class Trainer:
         record = epoch_record(self.members, self.runtime, self.device, window.images, window.wait, elapsed)
         if harvest:
             record["time/harvest_ms_per_step"] = 1e3 * harvest_time / (steps * len(self.members))
+        if self.runtime.distributed:
+            record["dist/cache_bytes_received"] = gathered
         return record
 
     def _checkpoint_due(self, done: int) -> bool:
@@ -457,7 +461,7 @@ class Trainer:
         refresh_s, received = self.refresh(epoch) if self._refresh_due(epoch + 1) else self._sync_harvest()
         record["time/refresh_s"] = refresh_s
         if self.runtime.distributed:
-            record["dist/cache_bytes_received"] = received
+            record["dist/cache_bytes_received"] += received
         evaluating = time.perf_counter()
         last = epoch == self.cfg.epochs - 1
         if last or (epoch + 1) % self.cfg.eval_every == 0:

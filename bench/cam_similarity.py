@@ -45,7 +45,8 @@ def main(argv=None) -> None:
     print(f"\n| arm | seeds | members' map similarity ({args.split}) |\n|---|---|---|")
     for arm, values in arms.items():
         summary = estimate(values)
-        print(f"| {arm} | {summary.n} | {summary.mean:.3f} ± {summary.se:.3f} |")
+        spread = f" ± {summary.se:.3f}" if summary.n > 1 else ""  # one seed has no standard error
+        print(f"| {arm} | {summary.n} | {summary.mean:.3f}{spread} |")
 
 
 if __name__ == "__main__":

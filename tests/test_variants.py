@@ -72,6 +72,23 @@ def test_pair_trains_each_cut_sample_twice_in_its_step(data, tmp_path):
     assert forwarded == len(batch.labels) + cut
 
 
+def test_pair_views_are_the_fast_paths_cut_and_the_uncut_images(data, tmp_path):
+    # --pair leaves the fast path (the cut inside the normalising pass) for cut-after-normalise: both must yield the
+    # same cut batch, and the clean views must be the images an uncut run trains on.
+    cut = small(data, tmp_path, policy="cutout", p=0.5, epochs=1, name="cut")
+    uncut = small(data, tmp_path, policy="none", epochs=1, name="uncut")
+    (cutting,), (plain,) = (Trainer(cfg, log=lambda *a: None).members for cfg in (cut, uncut))
+    for loader in (cutting.loader, plain.loader):
+        loader.set_epoch(0)
+    fast, paired, reference = (
+        next(cutting.loader.batches()),
+        next(cutting.loader.batches(keep_clean=True)),
+        next(plain.loader.batches()),
+    )
+    assert torch.equal(paired.images, fast.images) and torch.equal(paired.labels, fast.labels)
+    assert torch.equal(paired.clean, reference.images) and not torch.equal(paired.clean, paired.images)
+
+
 def test_diversity_penalty_gradient_is_right():
     g = torch.Generator().manual_seed(0)
     activations = torch.rand(3, 4, 2, 2, generator=g, dtype=torch.float64, requires_grad=True)

@@ -72,9 +72,10 @@ def test_pair_trains_each_cut_sample_twice_in_its_step(data, tmp_path):
     assert forwarded == len(batch.labels) + cut
 
 
-def test_pair_views_are_the_fast_paths_cut_and_the_uncut_images(data, tmp_path):
-    # --pair leaves the fast path (the cut inside the normalising pass) for cut-after-normalise: both must yield the
-    # same cut batch, and the clean views must be the images an uncut run trains on.
+def test_pair_keeps_the_cut_batch_and_adds_the_uncut_images(data, tmp_path):
+    # --pair asks the loader for the images before the cut: the cut batch must be the one a run without --pair trains
+    # on, and the clean views the images of an uncut run. (Where the cut is fused into the host's normalising pass,
+    # keep_clean takes the unfused path; tests/test_host_finish.py checks that the two give the same batch.)
     cut = small(data, tmp_path, policy="cutout", p=0.5, epochs=1, name="cut")
     uncut = small(data, tmp_path, policy="none", epochs=1, name="uncut")
     (cutting,), (plain,) = (Trainer(cfg, log=lambda *a: None).members for cfg in (cut, uncut))
